@@ -1,0 +1,141 @@
+"""Batch runs over many slides: parallel, resumable, one record per slide.
+
+``OUT/run_report.json`` holds one record per slide (status, tiles, seconds, error)
+and is rewritten atomically after every slide, so a killed run leaves a valid report
+and a rerun skips what is done. Records of earlier runs for slides not in this run
+are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from histoscope.io.atomic import write_json
+from histoscope.pipeline.executors import Executor, LocalExecutor
+from histoscope.pipeline.inputs import SlideJob
+
+__all__ = ["BatchResult", "run_batch", "REPORT_NAME"]
+
+REPORT_NAME = "run_report.json"
+
+
+@dataclass
+class BatchResult:
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, r in self.records.items() if r["status"] == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class _Timed:
+    """Picklable wrapper timing ``fn(job)`` and turning exceptions into records."""
+
+    def __init__(self, fn: Callable[[SlideJob], dict[str, Any]]):
+        self.fn = fn
+
+    def __call__(self, job: SlideJob) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            record = {"status": "ok", **self.fn(job)}
+        except Exception as error:  # one bad slide is a record, not the end of the batch
+            record = {
+                "status": "failed",
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc(limit=6),
+            }
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        return record
+
+
+def _load_report(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # written atomically, so this is a foreign file; start afresh
+    return {r["slide"]: r for r in data.get("slides", []) if "slide" in r}
+
+
+def run_batch(
+    jobs: list[SlideJob],
+    fn: Callable[[SlideJob], dict[str, Any]],
+    *,
+    out_dir: str | Path,
+    stage: str,
+    is_done: Callable[[SlideJob], bool] | None = None,
+    executor: Executor | None = None,
+    progress: bool = True,
+) -> BatchResult:
+    """Run ``fn`` on every job not already done, recording each in the run report.
+
+    ``fn`` runs in worker processes, so it must be picklable (a module-level
+    function or ``functools.partial`` of one) and return a JSON-able dict.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / REPORT_NAME
+    records = _load_report(report_path)
+    executor = executor or LocalExecutor(workers=1)
+    todo: list[SlideJob] = []
+    for job in jobs:
+        if is_done is not None and is_done(job):
+            previous = records.get(job.name, {})
+            records[job.name] = {**previous, "slide": job.name, "path": str(job.path), "stage": stage,
+                                 "status": "ok", "skipped": True}
+        else:
+            todo.append(job)
+
+    def save() -> None:
+        write_json(report_path, {"stage": stage, "slides": list(records.values())})
+
+    save()
+    bar = _progress(len(todo), stage) if progress and todo else None
+    try:
+        for index, result in executor.map(_Timed(fn), todo):
+            job = todo[index]
+            if isinstance(result, BaseException):  # the worker itself died
+                result = {"status": "failed", "error": f"{type(result).__name__}: {result}", "seconds": None}
+            records[job.name] = {"slide": job.name, "path": str(job.path), "stage": stage, **result}
+            save()
+            if bar is not None:
+                bar.advance(job.name, result["status"])
+    finally:
+        if bar is not None:
+            bar.close()
+    return BatchResult({job.name: records[job.name] for job in jobs})
+
+
+class _progress:
+    """A rich progress bar with slide counts, failures and ETA (on stderr)."""
+
+    def __init__(self, total: int, stage: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.failed = 0
+        self.progress = Progress(
+            TextColumn(f"[bold]{stage}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+        )
+        self.task = self.progress.add_task(stage, total=total, status="")
+        self.progress.start()
+
+    def advance(self, name: str, status: str) -> None:
+        self.failed += status == "failed"
+        label = f"{name}" + (f" [red]{self.failed} failed[/]" if self.failed else "")
+        self.progress.update(self.task, advance=1, status=label)
+
+    def close(self) -> None:
+        self.progress.stop()

@@ -1,0 +1,93 @@
+"""Executors run one function over many items and survive any single item failing.
+
+An item's exception comes back as its result instead of stopping the run, and a
+worker process that dies outright (a segfault in a slide library on a corrupt file)
+costs only the item that killed it: the pool is rebuilt and the rest continue.
+``LocalExecutor`` uses processes on this machine; a Ray executor will implement the
+same ``map`` for clusters.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+__all__ = ["Executor", "LocalExecutor", "WorkerCrashed", "get_executor"]
+
+
+class WorkerCrashed(RuntimeError):
+    """The worker process running an item died (signal or hard exit)."""
+
+
+class Executor(Protocol):
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, result or exception)`` for each item, in completion order."""
+
+
+class LocalExecutor:
+    """Process-parallel executor on this machine.
+
+    Parameters
+    ----------
+    workers : int
+        Worker processes. ``0`` runs items in this process (no isolation from crashes;
+        for debugging and notebooks).
+    start_method : str
+        ``spawn`` (default) is safe with threads and CUDA in the parent.
+    """
+
+    def __init__(self, *, workers: int = 1, start_method: str = "spawn"):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.workers = workers
+        self.start_method = start_method
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        if self.workers == 0:
+            for index, item in enumerate(items):
+                try:
+                    yield index, fn(item)
+                except Exception as error:  # reported per item, never fatal for the batch
+                    yield index, error
+            return
+        yield from self._map_pool(fn, list(items))
+
+    def _pool(self, workers: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(self.start_method))
+
+    def _map_pool(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[tuple[int, Any]]:
+        suspects: list[int] = []
+        pool = self._pool(min(self.workers, max(1, len(items))))
+        try:
+            futures = {pool.submit(fn, item): index for index, item in enumerate(items)}
+            for future in cf.as_completed(futures):
+                index = futures[future]
+                try:
+                    yield index, future.result()
+                except BrokenProcessPool:
+                    suspects.append(index)
+                except Exception as error:
+                    yield index, error
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        # A dead worker breaks every pending future; rerun those alone to find the culprit.
+        for index in sorted(suspects):
+            pool = self._pool(1)
+            try:
+                yield index, pool.submit(fn, items[index]).result()
+            except BrokenProcessPool:
+                yield index, WorkerCrashed("worker process died while processing this item (crash in a native library?)")
+            except Exception as error:
+                yield index, error
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def get_executor(name: str = "local", **options: Any) -> Executor:
+    """Executor by name (``local``; ``ray`` once the cluster backend lands)."""
+    if name == "local":
+        return LocalExecutor(**options)
+    raise ValueError(f"unknown executor {name!r}; available: 'local'")
