@@ -136,7 +136,8 @@ class TiffSlide(Slide):
         if self._metadata_mpp is None:
             tags = first.tags
             xres = tags["XResolution"].value if "XResolution" in tags else None
-            unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else None
+            # An absent ResolutionUnit means inch (TIFF 6.0 default), as OpenSlide reads it.
+            unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
             self._metadata_mpp = mpp_from_resolution(xres, unit)
         self._layouts: list[_LevelLayout] = []
         file_size = os.path.getsize(self.path)
