@@ -181,3 +181,48 @@ def test_killed_run_resumes_without_half_written_files(tmp_path):
     assert {name.replace("_patches.h5", "") for name in done_before} <= skipped
     assert len(list((out / "patches").glob("*.h5"))) == 4
     assert not [p for p in out.rglob("*") if ".partial" in p.name]
+
+
+def _sparse_gigapixel_slide(path, size=150_000, tissue=(40_000, 60_000, 56_000, 72_000)):
+    """A 150k x 150k pyramid (levels 1/4/16/64) whose tiles are empty (glass) except a
+    tissue rectangle of real H&E; written in a second, as scanners store sparse slides."""
+    import imagecodecs
+    import tifffile
+
+    from histoscope.io.sample import sample_texture
+
+    texture = np.ascontiguousarray(np.tile(sample_texture(), (2, 2, 1))[:256, :256])
+    jpeg = bytes(imagecodecs.jpeg8_encode(texture, level=80))
+    x0, y0, x1, y1 = tissue
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for index, ds in enumerate((1, 4, 16, 64)):
+            width, height = size // ds, size // ds
+
+            def tiles():
+                for ty in range(-(-height // 256)):
+                    for tx in range(-(-width // 256)):
+                        x, y = tx * 256 * ds, ty * 256 * ds
+                        yield jpeg if (x0 <= x < x1 and y0 <= y < y1) else b""
+
+            tif.write(tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(256, 256), compression=7,
+                      photometric="ycbcr", resolution=(1e4 / (0.25 * ds),) * 2, resolutionunit="CENTIMETER",
+                      subfiletype=0 if index == 0 else 1, metadata=None)
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_on_150k_slide(tmp_path):
+    path = tmp_path / "huge.tiff"
+    _sparse_gigapixel_slide(path)
+    script = (
+        "import resource, sys\n"
+        "from histoscope.pipeline import LocalExecutor, tile_slides\n"
+        f"r = tile_slides([{str(path)!r}], out_dir={str(tmp_path / 'out')!r}, executor=LocalExecutor(workers=0), progress=False)\n"
+        "print(r.records['huge']['tiles'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tiles, peak_mb = map(int, done.stdout.split())
+    # Level 0 is 67 GB of pixels; the run must stay far below even one level-1 read (4.2 GB).
+    assert peak_mb < 1500, f"peak RSS {peak_mb} MB"
+    # The 16k x 12k px tissue rectangle holds 32 x 24 tiles of 512 level-0 px.
+    assert abs(tiles - 32 * 24) <= 2 * (32 + 24)
