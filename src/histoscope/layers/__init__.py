@@ -1,0 +1,1 @@
+"""Reusable neural-network layers shared by model families."""

@@ -1,0 +1,1 @@
+"""Built-in slide model families; importing this module registers them."""
