@@ -142,9 +142,15 @@ class _LevelPainter:
     def _sample(self, mask: np.ndarray, y0: int, rows: int) -> np.ndarray:
         import cv2
 
-        map_x = ((np.arange(self.width, dtype=np.float32) + 0.5) * self.scale - 0.5)[None, :].repeat(rows, 0)
-        map_y = ((np.arange(y0, y0 + rows, dtype=np.float32) + 0.5) * self.scale - 0.5)[:, None].repeat(self.width, 1)
-        return cv2.remap(mask, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out = np.empty((rows, self.width), np.float32)
+        map_y = ((np.arange(y0, y0 + rows, dtype=np.float32) + 0.5) * self.scale - 0.5)[:, None]
+        # cv2.remap handles at most 32767 px per side: sample in column blocks.
+        for x0 in range(0, self.width, 16384):
+            x1 = min(self.width, x0 + 16384)
+            map_x = ((np.arange(x0, x1, dtype=np.float32) + 0.5) * self.scale - 0.5)[None, :]
+            out[:, x0:x1] = cv2.remap(mask, np.repeat(map_x, rows, 0), np.repeat(map_y, x1 - x0, 1), cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return out
 
     def stripe(self, y0: int, rows: int) -> np.ndarray:
         rows = min(rows, self.height - y0)

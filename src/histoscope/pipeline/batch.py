@@ -20,7 +20,7 @@ from histoscope.io.atomic import write_json
 from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob
 
-__all__ = ["BatchResult", "run_batch", "REPORT_NAME"]
+__all__ = ["BatchResult", "RunReport", "run_batch", "REPORT_NAME", "progress_bar"]
 
 REPORT_NAME = "run_report.json"
 
@@ -58,14 +58,36 @@ class _Timed:
         return record
 
 
-def _load_report(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}  # written atomically, so this is a foreign file; start afresh
-    return {r["slide"]: r for r in data.get("slides", []) if "slide" in r}
+class RunReport:
+    """``OUT/run_report.json``: one record per slide, rewritten atomically on every update.
+
+    Records of slides from earlier runs are kept, so one report describes a whole
+    output folder across resumed and repeated runs.
+    """
+
+    def __init__(self, out_dir: str | Path, stage: str):
+        self.path = Path(out_dir) / REPORT_NAME
+        self.stage = stage
+        self.records: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                data = {}  # written atomically, so this is a foreign file; start afresh
+            self.records = {r["slide"]: r for r in data.get("slides", []) if "slide" in r}
+
+    def update(self, job: SlideJob, record: dict[str, Any]) -> dict[str, Any]:
+        self.records[job.name] = {"slide": job.name, "path": str(job.path), "stage": self.stage, **record}
+        self.save()
+        return self.records[job.name]
+
+    def skipped(self, job: SlideJob) -> dict[str, Any]:
+        previous = self.records.get(job.name, {})
+        return self.update(job, {**{k: v for k, v in previous.items() if k not in ("slide", "path", "stage")},
+                                 "status": "ok", "skipped": True})
+
+    def save(self) -> None:
+        write_json(self.path, {"stage": self.stage, "slides": list(self.records.values())})
 
 
 def run_batch(
@@ -83,41 +105,32 @@ def run_batch(
     ``fn`` runs in worker processes, so it must be picklable (a module-level
     function or ``functools.partial`` of one) and return a JSON-able dict.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report_path = out_dir / REPORT_NAME
-    records = _load_report(report_path)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    report = RunReport(out_dir, stage)
     executor = executor or LocalExecutor(workers=1)
     todo: list[SlideJob] = []
     for job in jobs:
         if is_done is not None and is_done(job):
-            previous = records.get(job.name, {})
-            records[job.name] = {**previous, "slide": job.name, "path": str(job.path), "stage": stage,
-                                 "status": "ok", "skipped": True}
+            report.skipped(job)
         else:
             todo.append(job)
-
-    def save() -> None:
-        write_json(report_path, {"stage": stage, "slides": list(records.values())})
-
-    save()
-    bar = _progress(len(todo), stage) if progress and todo else None
+    report.save()
+    bar = progress_bar(len(todo), stage) if progress and todo else None
     try:
         for index, result in executor.map(_Timed(fn), todo):
             job = todo[index]
             if isinstance(result, BaseException):  # the worker itself died
                 result = {"status": "failed", "error": f"{type(result).__name__}: {result}", "seconds": None}
-            records[job.name] = {"slide": job.name, "path": str(job.path), "stage": stage, **result}
-            save()
+            report.update(job, result)
             if bar is not None:
                 bar.advance(job.name, result["status"])
     finally:
         if bar is not None:
             bar.close()
-    return BatchResult({job.name: records[job.name] for job in jobs})
+    return BatchResult({job.name: report.records[job.name] for job in jobs})
 
 
-class _progress:
+class progress_bar:
     """A rich progress bar with slide counts, failures and ETA (on stderr)."""
 
     def __init__(self, total: int, stage: str):
