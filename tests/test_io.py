@@ -253,3 +253,14 @@ def test_select_backend(svs_slide, tmp_path):
     assert select_backend(tmp_path / "a.png") == "image"
     with pytest.raises(ValueError, match="unknown backend"):
         open_slide(svs_slide.path, backend="bioformats")
+
+
+def test_aligned_tiles_decoded_in_place_equal_general_path(svs_slide, monkeypatch):
+    slide = open_slide(svs_slide.path)
+    coords = np.array([[0, 0], [256, 512], [3840, 2816]])  # on the stored 256-px grid
+    direct = slide.read_tiles(coords, size=256)
+    monkeypatch.setattr(slide, "_read_level_into", lambda *a: False)
+    general = slide.read_tiles(coords, size=256)
+    np.testing.assert_array_equal(direct, general)
+    for tile, (x, y) in zip(direct, coords):
+        np.testing.assert_array_equal(tile, _openslide_rgb(svs_slide.path, (int(x), int(y)), 0, (256, 256)))

@@ -82,6 +82,11 @@ class Slide(abc.ABC):
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """(height, width, 3) uint8 from ``level`` at level coordinates, fully in bounds."""
 
+    def _read_level_into(self, level: int, x: int, y: int, out: np.ndarray) -> bool:
+        """Optional fast path: fill ``out`` (h, w, 3) from ``level`` at (x, y) directly
+        and return True, or return False to take the general path."""
+        return False
+
     def close(self) -> None:
         """Release file handles (the slide reopens them if used again)."""
 
@@ -203,6 +208,8 @@ class Slide(abc.ABC):
         interpolation = cv2.INTER_AREA if read > size else cv2.INTER_CUBIC
         for i, (x, y) in enumerate(coords):
             lx, ly = int(math.floor(x / downsample)), int(math.floor(y / downsample))
+            if read == size and self._read_level_into(level, lx, ly, out[i]):
+                continue
             region = self._read_level_clipped(level, lx, ly, read, read)
             if read != size:
                 region = cv2.resize(region, (size, size), interpolation=interpolation)

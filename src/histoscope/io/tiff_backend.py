@@ -10,7 +10,6 @@ cache because neighbouring tiles at a target resolution straddle stored tiles.
 from __future__ import annotations
 
 import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +116,8 @@ class TiffSlide(Slide):
         self._pid = -1
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_used = 0
-        self._lock = threading.Lock()
         self._tifffile_decoders: dict[int, object] = {}
+        self._no_direct: set[int] = set()  # levels whose tiles need the general path
 
     # ---- parsing --------------------------------------------------------------------
     def _parse(self, tif) -> None:
@@ -223,12 +222,8 @@ class TiffSlide(Slide):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_fd=None, _pid=-1, _cache=OrderedDict(), _cache_used=0, _lock=None, _tifffile_decoders={})
+        state.update(_fd=None, _pid=-1, _cache=OrderedDict(), _cache_used=0, _tifffile_decoders={}, _no_direct=set())
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     # ---- tile access ----------------------------------------------------------------
     def _file(self) -> int:
@@ -276,6 +271,28 @@ class TiffSlide(Slide):
         tile = _to_rgb(tile, self.path)
         tile.flags.writeable = False  # cached and shared: callers get copies or views
         return tile
+
+    def _read_level_into(self, level: int, x: int, y: int, out: np.ndarray) -> bool:
+        # A request that is exactly one stored JPEG tile is decoded straight into the
+        # caller's buffer: no cache entry, no copy, no fresh allocation per tile.
+        layout = self._layouts[level]
+        height, width = out.shape[:2]
+        if (layout.compression != _JPEG or width != layout.tile_width or height != layout.tile_height
+                or x % width or y % height or x + width > layout.width or y + height > layout.height
+                or not out.flags.c_contiguous or level in self._no_direct):
+            return False
+        data = self.read_raw_tile(level, (y // height) * layout.tiles_across + x // width)
+        if not data:
+            return False
+        import imagecodecs
+
+        try:
+            imagecodecs.jpeg8_decode(data, tables=layout.jpegtables, colorspace=layout.colorspace,
+                                     outcolorspace=layout.outcolorspace, out=out)
+        except Exception:  # e.g. a grayscale tile: let the general path convert it
+            self._no_direct.add(level)
+            return False
+        return True
 
     def _decode_with_tifffile(self, level: int, index: int, data: bytes) -> np.ndarray:
         decoder = self._tifffile_decoders.get(level)
