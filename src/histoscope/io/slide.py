@@ -206,8 +206,8 @@ class Slide(abc.ABC):
             out = np.empty((len(coords), size, size, 3), dtype=np.uint8)
         downsample = self.levels[level].downsample
         interpolation = cv2.INTER_AREA if read > size else cv2.INTER_CUBIC
-        for i, (x, y) in enumerate(coords):
-            lx, ly = int(math.floor(x / downsample)), int(math.floor(y / downsample))
+        for i, (x, y) in enumerate(coords.tolist()):  # Python ints: cheaper than numpy scalars per tile
+            lx, ly = math.floor(x / downsample), math.floor(y / downsample)
             if read == size and self._read_level_into(level, lx, ly, out[i]):
                 continue
             region = self._read_level_clipped(level, lx, ly, read, read)
