@@ -1,0 +1,47 @@
+"""Tile encoders: published pathology foundation models behind one interface.
+
+``load_tile_encoder(name)`` returns a :class:`TileEncoder` mapping normalised images
+``(B, 3, H, W)`` to embeddings ``(B, D)``, with the published preprocessing as
+``encoder.transform`` and the weights loaded strictly from the Hugging Face Hub or
+a local file.
+"""
+
+from histoscope.encoders import families as _families  # noqa: F401  (registers the built-in encoders)
+from histoscope.encoders.encoder import TileEncoder, load_tile_encoder
+from histoscope.encoders.errors import (
+    CorruptWeightsError,
+    UnknownTileEncoderError,
+    WeightsAccessError,
+    WeightsError,
+    WeightsMismatchError,
+    WeightsNotFoundError,
+)
+from histoscope.encoders.preprocess import preprocess_tiles
+from histoscope.encoders.registry import (
+    Pooling,
+    Preprocess,
+    TileEncoderSpec,
+    get_tile_encoder_spec,
+    list_tile_encoders,
+    register,
+    register_tile_encoder,
+)
+
+__all__ = [
+    "CorruptWeightsError",
+    "Pooling",
+    "Preprocess",
+    "TileEncoder",
+    "TileEncoderSpec",
+    "UnknownTileEncoderError",
+    "WeightsAccessError",
+    "WeightsError",
+    "WeightsMismatchError",
+    "WeightsNotFoundError",
+    "get_tile_encoder_spec",
+    "list_tile_encoders",
+    "load_tile_encoder",
+    "preprocess_tiles",
+    "register",
+    "register_tile_encoder",
+]
