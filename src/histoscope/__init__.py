@@ -1,7 +1,29 @@
-"""histoscope: computational pathology foundation models, from gigapixel slide to report."""
+"""histoscope: computational pathology foundation models, from gigapixel slide to report.
+
+The top-level names are the entry points users script against; each stage also has
+its own subpackage (``histoscope.io``, ``.tissue``, ``.tiling``, ``.encoders``,
+``.slide``, ``.pipeline``).
+"""
 
 from histoscope.io import MissingMppError, Slide, SlideError, open_slide
 
 __version__ = "0.1.0"
 
-__all__ = ["MissingMppError", "Slide", "SlideError", "open_slide", "__version__"]
+__all__ = ["MissingMppError", "Slide", "SlideError", "load_slide_model", "load_tile_encoder", "open_slide",
+           "__version__"]
+
+
+def load_tile_encoder(name, *, weights=None, **kwargs):
+    """Build a registered tile encoder and load its weights strictly (see
+    :func:`histoscope.encoders.load_tile_encoder`); imported lazily so that reading
+    slides does not import torch."""
+    from histoscope.encoders import load_tile_encoder as _load
+
+    return _load(name, weights=weights, **kwargs)
+
+
+def load_slide_model(name, *, weights=None, **kwargs):
+    """Build a registered slide model (see :func:`histoscope.slide.load_slide_model`)."""
+    from histoscope.slide import load_slide_model as _load
+
+    return _load(name, weights=weights, **kwargs)

@@ -102,15 +102,141 @@ def tile(
     _summarise(result, out)
 
 
-def _summarise(result, out: Path) -> None:
+def _summarise(result, out: Path, *, exit_on_failure: bool = True) -> None:
     done = [r for r in result.records.values() if r["status"] == "ok"]
     tiles = sum(r.get("tiles", 0) or 0 for r in done)
     skipped = sum(bool(r.get("skipped")) for r in done)
     typer.echo(f"{len(done)} slide(s) ok ({skipped} already done), {tiles} tiles; report: {out / 'run_report.json'}")
     for name in result.failed:
         typer.secho(f"FAILED {name}: {result.records[name].get('error')}", fg=typer.colors.RED, err=True)
-    if result.failed:
+    if result.failed and exit_on_failure:
         raise typer.Exit(1)
+
+
+def _parse_arch(items: list[str] | None) -> dict:
+    import yaml
+
+    arch = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--arch expects KEY=VALUE, got {item!r}")
+        arch[key.strip()] = yaml.safe_load(value)
+    return arch
+
+
+EncoderOpt = Annotated[str, typer.Option("--encoder", "-e", help="Tile encoder (see `histoscope models`).")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Checkpoint file or folder as published; default: the Hugging Face Hub; 'random' for untrained weights.")]
+BatchOpt = Annotated[int, typer.Option(help="Tiles per batch.")]
+DevicesOpt = Annotated[str, typer.Option("--devices", help="auto, cpu, cuda, or a comma list such as cuda:0,cuda:1.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), fp32, bf16 or fp16.")]
+ArchOpt = Annotated[Optional[list[str]], typer.Option("--arch", help="Architecture override KEY=VALUE (repeatable), e.g. for tiny test variants.")]
+
+
+def _embed_params(encoder, weights, batch_size, workers, devices, dtype, compile_, arch):
+    from histoscope.encoders.extract import EmbedParams
+
+    return EmbedParams(encoder=encoder, weights=weights, batch_size=batch_size, workers=workers,
+                       devices=tuple(d.strip() for d in devices.split(",") if d.strip()), dtype=dtype,
+                       compile=compile_, arch=_parse_arch(arch))
+
+
+@app.command()
+def embed(
+    slides: SlidesArg,
+    out: OutOpt,
+    encoder: EncoderOpt = "uni",
+    weights: WeightsOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Tile-decoding worker processes.")] = 2,
+    devices: DevicesOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
+    slide_mpp: SlideMppOpt = None,
+    arch: ArchOpt = None,
+) -> None:
+    """Embed the tiles listed by `histoscope tile` into OUT/features_<encoder>/<slide>.h5."""
+    from histoscope.encoders.extract import embed_slides
+
+    params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, compile_, arch)
+    result = _guarded(lambda: embed_slides(slides, out_dir=out, params=params, slide_mpp=slide_mpp))
+    _summarise(result, out / f"features_{params.folder_name}")
+
+
+@app.command()
+def run(
+    slides: SlidesArg,
+    out: OutOpt,
+    encoder: EncoderOpt = "uni",
+    weights: WeightsOpt = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Tile resolution in µm/px (default: the encoder's native one, else 0.5).")] = None,
+    size: Annotated[int, typer.Option(help="Tile edge in px at the target resolution.")] = 256,
+    slide_mpp: SlideMppOpt = None,
+    workers: WorkersOpt = 2,
+    batch_size: BatchOpt = 64,
+    devices: DevicesOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    arch: ArchOpt = None,
+) -> None:
+    """Tile and embed in one go (tissue → tiles → features)."""
+    from histoscope.encoders import get_tile_encoder_spec
+    from histoscope.encoders.extract import embed_slides
+    from histoscope.pipeline import TileParams, tile_slides
+
+    if mpp is None:
+        native = _guarded(lambda: get_tile_encoder_spec(encoder)).native_mpp
+        mpp = native or 0.5
+    tiled = _guarded(lambda: tile_slides(slides, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers,
+                                         slide_mpp=slide_mpp))
+    _summarise(tiled, out, exit_on_failure=False)
+    params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, False, arch)
+    ok = [name for name, record in tiled.records.items() if record["status"] == "ok"]
+    jobs = [record["path"] for name, record in tiled.records.items() if name in ok]
+    embedded = _guarded(lambda: embed_slides(jobs, out_dir=out, params=params, slide_mpp=slide_mpp))
+    _summarise(embedded, out / f"features_{params.folder_name}", exit_on_failure=False)
+    if tiled.failed or embedded.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models(
+    kind: Annotated[str, typer.Option(help="tile, slide or all.")] = "all",
+) -> None:
+    """List registered models with their embedding size, preprocessing and weight source."""
+    if kind in ("tile", "all"):
+        from histoscope.encoders import get_tile_encoder_spec, list_tile_encoders
+
+        typer.echo("Tile encoders (histoscope embed --encoder NAME; also timm:<name>, hf-hub:<org>/<repo>)")
+        typer.echo(f"  {'name':16} {'dim':>5}  {'input':18} {'mpp':>5}  {'weights':34} license")
+        for name in list_tile_encoders():
+            spec = get_tile_encoder_spec(name)
+            p = spec.preprocess
+            size = f"{p.resize}" + (f"→{p.crop}" if p.crop else "") + f" {p.interpolation}"
+            source = (spec.hf_repo or "file only (--weights)") + (" (gated)" if spec.gated else "")
+            mpp = f"{spec.native_mpp:g}" if spec.native_mpp else "-"
+            typer.echo(f"  {name:16} {spec.embed_dim:>5}  {size:18} {mpp:>5}  {source:34} {spec.license}")
+    if kind in ("slide", "all"):
+        from histoscope.slide import get_slide_model_spec, list_slide_models
+
+        typer.echo("Slide models (histoscope train model=NAME)")
+        for name in list_slide_models():
+            typer.echo(f"  {name:16} {get_slide_model_spec(name).description}")
+
+
+def _guarded(fn):
+    """Run ``fn``; turn input errors into a clean message and exit status 2."""
+    from histoscope.io import SlideError
+
+    try:
+        return fn()
+    except (ValueError, KeyError, FileNotFoundError, SlideError) as error:
+        _fail(str(error).strip("'\""))
+    except Exception as error:
+        from histoscope.encoders.errors import WeightsError
+
+        if isinstance(error, WeightsError):
+            _fail(str(error))
+        raise
 
 
 @app.command()
@@ -118,7 +244,10 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
     workers: WorkersOpt = 1,
 ) -> None:
-    """Run the main job end to end on a sample slide the project generates itself."""
+    """Run the main job end to end on a sample slide the project generates itself:
+    tissue → tiles at 0.5 µm/px → embeddings (a small ViT with explicitly random
+    weights, as no pretrained weights can ship with the package)."""
+    from histoscope.encoders.extract import EmbedParams, embed_slides
     from histoscope.io.sample import make_sample_slide
     from histoscope.pipeline import tile_slides
 
@@ -126,8 +255,14 @@ def demo(
     if not slide_path.exists():
         make_sample_slide(slide_path, width=8192, height=6144, mpp=0.25, kind="svs")
         typer.echo(f"generated {slide_path}")
-    result = tile_slides([slide_path], out_dir=out, workers=workers)
-    _summarise(result, out)
+    tiled = tile_slides([slide_path], out_dir=out, workers=workers)
+    _summarise(tiled, out)
+    typer.secho("embedding with timm:vit_small_patch16_224 and RANDOM weights (demo only; for real features "
+                "use e.g. `histoscope embed ... --encoder uni --weights PATH`)", fg=typer.colors.YELLOW)
+    params = EmbedParams(encoder="timm:vit_small_patch16_224", weights="random", workers=workers, batch_size=32,
+                         output_name="demo_vit_small_random")
+    embedded = embed_slides([slide_path], out_dir=out, params=params)
+    _summarise(embedded, out / f"features_{params.folder_name}")
 
 
 if __name__ == "__main__":

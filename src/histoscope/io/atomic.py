@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json", "write_image"]
+__all__ = ["atomic_path", "write_json", "write_image", "remove_stale_partials", "PARTIAL"]
+
+# Marker in temporary names. One name per target (no pid), so a rerun after a kill
+# overwrites its predecessor's leftovers instead of accumulating them.
+PARTIAL = ".partial"
+
+
+def remove_stale_partials(folder: str | Path) -> int:
+    """Delete temporary files a killed run left in ``folder`` (and below); returns how many.
+
+    Call it when a stage starts: only one histoscope run may write into an output folder.
+    """
+    removed = 0
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.rglob(f".*{PARTIAL}*"):
+            if path.is_file():
+                path.unlink()
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -21,7 +40,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    tmp = path.with_name(f".{path.stem}{PARTIAL}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -55,6 +55,7 @@ class FeaturesWriter:
         coords_ds = self._file.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
         _set_attrs(coords_ds, coords_attrs or {})
         _set_attrs(self.features, features_attrs or {})
+        self.num_tiles = num_tiles
         self._written = np.zeros(num_tiles, dtype=bool)
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:

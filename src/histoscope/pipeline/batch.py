@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoscope.io.atomic import write_json
+from histoscope.io.atomic import remove_stale_partials, write_json
 from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob
 
@@ -106,6 +106,7 @@ def run_batch(
     function or ``functools.partial`` of one) and return a JSON-able dict.
     """
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir)
     report = RunReport(out_dir, stage)
     executor = executor or LocalExecutor(workers=1)
     todo: list[SlideJob] = []

@@ -90,5 +90,7 @@ def tile_loader(sources: Sequence[TileSource], *, chunk_size: int = 64, num_work
     stream = TileStream(sources, chunk_size=chunk_size, transform=transform)
     options: dict[str, Any] = {}
     if num_workers > 0:
-        options = {"prefetch_factor": prefetch, "persistent_workers": False, "multiprocessing_context": "spawn"}
+        # The platform default start method (fork on Linux) starts workers in milliseconds;
+        # workers only decode and preprocess, and PyTorch limits them to one thread.
+        options = {"prefetch_factor": prefetch, "persistent_workers": False}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, **options)
