@@ -153,3 +153,14 @@ def test_cli_run_tiles_and_embeds(tiled, tmp_path):
     assert result.exit_code == 0, result.output
     features, coords, attrs = read_features(tmp_path / "features_uni" / "s1.h5")
     assert features.shape[1] == 48 and attrs["target_mpp"] == 0.5  # UNI's native resolution
+
+
+def test_embed_slide_in_three_lines_matches_pipeline(tiled):
+    from histoscope.encoders.extract import embed_slide
+
+    encoder = load_tile_encoder("uni", weights=tiled / "uni_tiny.bin", **TINY)
+    features, coords = embed_slide(tiled / "slides" / "s1.svs", encoder, batch_size=16)
+    embed_slides([tiled / "slides" / "s1.svs"], out_dir=tiled / "out", params=_params(tiled), progress=False)
+    expected, expected_coords, _ = read_features(tiled / "out" / "features_uni" / "s1.h5")
+    np.testing.assert_array_equal(coords, expected_coords)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)

@@ -9,8 +9,8 @@ from histoscope.io import MissingMppError, Slide, SlideError, open_slide
 
 __version__ = "0.1.0"
 
-__all__ = ["MissingMppError", "Slide", "SlideError", "load_slide_model", "load_tile_encoder", "open_slide",
-           "__version__"]
+__all__ = ["MissingMppError", "Slide", "SlideError", "embed_slide", "load_slide_model", "load_tile_encoder",
+           "open_slide", "__version__"]
 
 
 def load_tile_encoder(name, *, weights=None, **kwargs):
@@ -27,3 +27,11 @@ def load_slide_model(name, *, weights=None, **kwargs):
     from histoscope.slide import load_slide_model as _load
 
     return _load(name, weights=weights, **kwargs)
+
+
+def embed_slide(slide, encoder, **kwargs):
+    """Tissue → tiles → embeddings for one slide in memory (see
+    :func:`histoscope.encoders.extract.embed_slide`)."""
+    from histoscope.encoders.extract import embed_slide as _embed
+
+    return _embed(slide, encoder, **kwargs)

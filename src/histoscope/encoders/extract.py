@@ -29,7 +29,7 @@ from histoscope.tiling.dataset import TileSource, tile_loader
 from histoscope.tiling.patches_h5 import patches_path, read_patches
 from histoscope.utils.device import resolve_device, resolve_dtype
 
-__all__ = ["EmbedParams", "embed_slides", "features_done", "prepare_encoder"]
+__all__ = ["EmbedParams", "embed_slide", "embed_slides", "features_done", "prepare_encoder"]
 
 
 @dataclass(frozen=True)
@@ -286,3 +286,46 @@ class _TileProgress:
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def embed_slide(slide, encoder, *, mpp: float | None = None, size: int = 256, batch_size: int = 64,
+                min_tissue: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Embed one slide in memory: segment tissue, tile at ``mpp``, encode every tile.
+
+    For notebooks and small jobs; batch jobs should use :func:`embed_slides`, which
+    streams, resumes and hides I/O behind compute.
+
+    Parameters
+    ----------
+    slide : Slide or path
+    encoder : TileEncoder
+    mpp : float, optional
+        Tile resolution; default the encoder's native resolution (else 0.5 µm/px).
+
+    Returns
+    -------
+    features : (N, D) float32
+    coords : (N, 2) int64 level-0 (x, y)
+
+    Examples
+    --------
+    >>> encoder = histoscope.load_tile_encoder("uni", weights="uni.bin")   # doctest: +SKIP
+    >>> features, coords = embed_slide("slide.svs", encoder)                # doctest: +SKIP
+    """
+    from histoscope.io import Slide, open_slide
+    from histoscope.tiling import tile_grid
+    from histoscope.tissue import segment_tissue
+
+    if not isinstance(slide, Slide):
+        slide = open_slide(slide)
+    mpp = mpp or encoder.spec.native_mpp or 0.5
+    grid = tile_grid(slide, segment_tissue(slide), size=size, mpp=mpp, min_tissue=min_tissue)
+    device = next(encoder.parameters()).device
+    dtype = next(encoder.parameters()).dtype
+    features = np.empty((len(grid), encoder.embed_dim), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(grid), batch_size):
+            tiles = slide.read_tiles(grid.coords[start : start + batch_size], size=size, mpp=mpp)
+            batch = encoder.transform(tiles).to(device=device, dtype=dtype)
+            features[start : start + len(tiles)] = encoder(batch).float().cpu().numpy()
+    return features, grid.coords
