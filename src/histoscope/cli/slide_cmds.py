@@ -1,0 +1,93 @@
+"""``histoscope train`` and ``histoscope predict``: slide-level models on tile features.
+
+Wired into the main app by ``register(app)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+__all__ = ["register"]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def train(
+    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/).", show_default=False)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="key=value overrides, dotted for sections: epochs=30 survival.loss=discrete model_args.dropout=0.1",
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (recipe's out_dir).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 (recipe's device).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in the output folder instead of resuming it.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
+) -> None:
+    """Cross-validated training of a slide model from a slide CSV and a features folder.
+
+    A rerun into the same folder resumes: finished folds are kept, an interrupted one continues.
+    """
+    from histoscope.train import ConfigError, load_recipe
+    from histoscope.train import train as run_training
+
+    items = list(overrides or [])
+    if recipe is not None and "=" in str(recipe):  # no recipe file, overrides only
+        items, recipe = [str(recipe), *items], None
+    try:
+        config = load_recipe(recipe, items)
+        if out is not None:
+            config.out_dir = str(out)
+        if device is not None:
+            config.device = device
+        results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as error:
+        _fail(str(error).strip("'\""))
+    pooled = results["pooled"]
+    typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")
+    for name, entry in pooled["metrics"].items():
+        typer.echo(f"  {name:18s} {entry['value']:.4f}  (95% CI {entry['ci_low']:.4f}–{entry['ci_high']:.4f})")
+    typer.echo(f"results: {Path(config.out_dir) / 'results.md'}")
+
+
+def predict(
+    slides: Annotated[Optional[list[str]], typer.Argument(
+        help="Slide files, folders, globs or CSVs for heatmaps and top tiles; none: every features file, "
+             "CSV/GeoJSON only.", show_default=False)] = None,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="checkpoint.pt written by histoscope train.")] = ...,
+    features: Annotated[Path, typer.Option("--features", "-f", help="Features folder (OUT/features_<encoder>).")] = ...,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
+    top_k: Annotated[int, typer.Option(help="Highest-scoring tiles saved as PNG per slide.")] = 8,
+    thumbnail: Annotated[int, typer.Option(help="Longer side of the heatmap in px.")] = 2048,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
+    detections: Annotated[bool, typer.Option("--detections", help="GeoJSON tiles as QuPath detections instead of tiles.")] = False,
+) -> None:
+    """Per-slide predictions, tile-score heatmaps, QuPath GeoJSON and top tiles from a trained model."""
+    from histoscope.predict import predict_slides
+    from histoscope.slide import SlideWeightsError
+
+    try:
+        result = predict_slides(checkpoint, features_dir=features, out_dir=out, slides=slides or None,
+                                slide_mpp=slide_mpp, top_k=top_k, thumbnail_size=thumbnail, device=device,
+                                precision=precision, object_type="detection" if detections else "tile",
+                                progress=True)
+    except (FileNotFoundError, ValueError, SlideWeightsError, RuntimeError) as error:
+        _fail(str(error))
+    ok = len(result.records) - len(result.failed)
+    typer.echo(f"{ok} slide(s) predicted; {out / 'predictions.csv'}")
+    for name in result.failed:
+        typer.secho(f"FAILED {name}: {result.records[name].get('error')}", fg=typer.colors.RED, err=True)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` and ``predict`` commands to ``app``."""
+    app.command("train")(train)
+    app.command("predict")(predict)

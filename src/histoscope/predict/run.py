@@ -1,0 +1,151 @@
+"""``histoscope predict``: a trained checkpoint applied to slides' features.
+
+Output folder::
+
+    OUT/predictions.csv, predictions.json   one row per slide that succeeded
+    OUT/run_report.json                      status (and error) of every slide
+    OUT/<slide>/tile_scores.csv              x, y, score, percentile per tile
+    OUT/<slide>/tiles.geojson                tile squares for QuPath, coloured by score
+    OUT/<slide>/heatmap.png                  scores over the thumbnail   (needs the slide file)
+    OUT/<slide>/top_tiles/NN_x…_y….png       the k highest-scoring tiles (needs the slide file)
+
+A slide that fails (no features file, unreadable slide, wrong feature dim) is
+recorded as failed and the others carry on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from histoscope.io.atomic import write_image, write_json
+from histoscope.io.features_h5 import read_features
+from histoscope.pipeline.batch import BatchResult, run_batch
+from histoscope.pipeline.executors import LocalExecutor
+from histoscope.pipeline.inputs import SlideJob, collect_slides
+from histoscope.predict.heatmap import paint_heatmap, percentile_scores, tiles_geojson, write_tile_scores
+from histoscope.train.checkpoint import TrainedModel, load_trained_model
+from histoscope.train.data import collate_bags
+from histoscope.train.loop import autocast
+from histoscope.train.run import precision_dtype, write_columns
+from histoscope.utils.device import resolve_device
+
+__all__ = ["predict_slides", "tile_size_level0"]
+
+
+def tile_size_level0(attrs: dict[str, Any]) -> float:
+    """Tile edge in level-0 pixels from a features file's attributes."""
+    if "patch_size_level0" in attrs:
+        return float(attrs["patch_size_level0"])
+    if {"patch_size", "target_mpp", "level0_mpp"} <= set(attrs):
+        return float(attrs["patch_size"]) * float(attrs["target_mpp"]) / float(attrs["level0_mpp"])
+    raise ValueError("the features file does not say how big its tiles are (no patch_size_level0, nor "
+                     "patch_size + target_mpp + level0_mpp in its coords attributes)")
+
+
+def _predict_one(job: SlideJob, *, trained: TrainedModel, features_dir: Path, out_dir: Path, with_images: bool,
+                 top_k: int, thumbnail_size: int, device: torch.device, dtype: torch.dtype,
+                 object_type: str) -> dict[str, Any]:
+    path = features_dir / f"{job.name}.h5"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no features file for slide {job.name!r}")
+    features, coords, attrs = read_features(path)
+    if features.ndim != 2 or features.shape[1] != trained.meta["in_dim"] or len(features) == 0:
+        raise ValueError(f"{path}: features of shape {features.shape}; the model expects (N > 0, "
+                         f"{trained.meta['in_dim']})")
+    batch_features, batch_coords, mask = collate_bags([(features, coords)])
+    with torch.no_grad(), autocast(device, dtype):
+        output = trained.model(batch_features.to(device), batch_coords.to(device), mask.to(device))
+    logits = output.logits.float().cpu().numpy().astype(np.float64)
+    prediction = {k: (v[0].item() if isinstance(v[0], np.generic) else v[0])
+                  for k, v in trained.task.output_columns(logits).items()}
+    record: dict[str, Any] = {"prediction": prediction, "tiles": len(features)}
+    if output.scores is None:
+        record["note"] = f"{trained.meta['histoscope_model']} gives no per-tile scores; no heatmap"
+        return record
+
+    scores = output.scores[0].float().cpu().numpy().astype(np.float64)
+    size0 = tile_size_level0(attrs)
+    slide_dir = out_dir / job.name
+    write_tile_scores(slide_dir / "tile_scores.csv", coords, scores)
+    write_json(slide_dir / "tiles.geojson", tiles_geojson(coords, size0, scores, object_type=object_type))
+    if with_images:
+        from histoscope.io import open_slide
+
+        with open_slide(job.path, mpp=job.mpp) as slide:
+            thumbnail = slide.thumbnail(thumbnail_size)
+            write_image(slide_dir / "heatmap.png",
+                        paint_heatmap(thumbnail, coords, size0, slide.dimensions, percentile_scores(scores)))
+            top = np.argsort(-scores, kind="stable")[:top_k]
+            target_mpp = attrs.get("target_mpp")
+            size = int(attrs["patch_size"]) if target_mpp is not None and "patch_size" in attrs else int(round(size0))
+            tiles = slide.read_tiles(coords[top], size=size, mpp=float(target_mpp) if target_mpp else None)
+            for rank, (index, tile) in enumerate(zip(top, tiles), start=1):
+                x, y = coords[index]
+                write_image(slide_dir / "top_tiles" / f"{rank:02d}_x{x}_y{y}.png", tile)
+        record["top_tiles"] = [[int(x), int(y)] for x, y in coords[top]]
+    return record
+
+
+def predict_slides(
+    checkpoint: str | Path,
+    *,
+    features_dir: str | Path,
+    out_dir: str | Path,
+    slides: Sequence[str | Path] | None = None,
+    slide_mpp: float | None = None,
+    top_k: int = 8,
+    thumbnail_size: int = 2048,
+    device: str = "auto",
+    precision: str = "auto",
+    object_type: str = "tile",
+    progress: bool = False,
+) -> BatchResult:
+    """Predict every slide and write its tile scores, heatmap and top tiles.
+
+    ``slides`` (files, folders, globs or CSVs, as for ``histoscope tile``) give the
+    slide images for heatmaps and top tiles; without them every features file in
+    ``features_dir`` is predicted and only the CSV/GeoJSON outputs are written.
+
+    Examples
+    --------
+    >>> result = predict_slides("run/fold_0/checkpoint.pt", features_dir="out/features_uni",  # doctest: +SKIP
+    ...                         out_dir="pred", slides=["slides/"])
+    >>> result.failed                                                                       # doctest: +SKIP
+    []
+    """
+    features_dir, out_dir = Path(features_dir), Path(out_dir)
+    if object_type not in ("tile", "detection"):
+        raise ValueError(f"object_type must be tile or detection, got {object_type!r}")
+    torch_device = resolve_device(device)
+    trained = load_trained_model(checkpoint, device=torch_device)
+    if slides:
+        jobs, with_images = collect_slides(list(slides), slide_mpp=slide_mpp), True
+    else:
+        if not features_dir.is_dir():
+            raise FileNotFoundError(f"{features_dir}: no such features folder")
+        jobs = [SlideJob(p, p.stem) for p in sorted(features_dir.glob("*.h5"))]
+        with_images = False
+    if not jobs:
+        raise FileNotFoundError(f"no slides to predict (features folder {features_dir})")
+    fn = functools.partial(_predict_one, trained=trained, features_dir=features_dir, out_dir=out_dir,
+                           with_images=with_images, top_k=top_k, thumbnail_size=thumbnail_size,
+                           device=torch_device, dtype=precision_dtype(precision, torch_device),
+                           object_type=object_type)
+    result = run_batch(jobs, fn, out_dir=out_dir, stage="predict", executor=LocalExecutor(workers=0),
+                       progress=progress)
+
+    done = [(name, r) for name, r in result.records.items() if r["status"] == "ok"]
+    rows = [{"slide_id": name, **r["prediction"]} for name, r in done]
+    write_json(out_dir / "predictions.json", {
+        "checkpoint": str(checkpoint), "model": trained.meta["histoscope_model"], "task": trained.meta["task"],
+        "slides": rows, "failed": {name: result.records[name].get("error") for name in result.failed},
+    })
+    if rows:
+        write_columns(out_dir / "predictions.csv", {k: [row.get(k) for row in rows] for k in rows[0]})
+    return result

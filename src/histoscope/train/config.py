@@ -1,0 +1,215 @@
+"""Training recipes: YAML files plus ``key=value`` overrides, checked against :class:`TrainConfig`.
+
+Overrides use dotted keys for nested sections (``survival.loss=discrete``,
+``model_args.dropout=0.25``) and their values are parsed as YAML scalars
+(``epochs=20``, ``tiny=true``, ``max_tiles=null``). Any key the config does not
+have is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "SurvivalConfig", "ConfigError", "load_recipe", "apply_overrides"]
+
+TASKS = ("classification", "regression", "survival")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A recipe has an unknown key, a value of the wrong type or an invalid setting."""
+
+
+@dataclass
+class SurvivalConfig:
+    loss: str = "cox"  # cox (partial likelihood, Breslow ties) | discrete (NLL over time bins)
+    bins: int = 4  # discrete: intervals cut at quantiles of the training event times
+
+
+@dataclass
+class TrainConfig:
+    """Everything a ``histoscope train`` run depends on; saved as ``OUT/config.yaml``."""
+
+    task: str = "classification"
+    csv: str = ""  # slide_id, label | time + event, optional patient_id, fold or split
+    features_dir: str = ""  # folder of <slide_id>.h5 features files (OUT/features_<encoder>)
+    out_dir: str = "runs/slide"
+    label_column: str = "label"
+    model: str = "abmil_gated"
+    model_args: dict = field(default_factory=dict)
+    tiny: bool = False
+    folds: int = 5
+    val_fraction: float = 0.2  # of each fold's training patients, for early stopping
+    epochs: int = 20
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    batch_size: int = 1  # bags per forward pass, padded to the longest
+    accumulate: int = 1  # forward passes per optimizer step
+    grad_clip: float | None = None
+    max_tiles: int | None = None  # random subset of tiles per training bag
+    patience: int = 5  # epochs without validation improvement before stopping
+    monitor: str = "loss"  # validation loss, or a metric name (auroc, c_index, r2, …)
+    class_weighting: bool = True
+    balanced_sampling: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on AMX CPUs and recent GPUs, else fp32
+    cache_gb: float = 4.0  # in-memory features cache (LRU by bytes)
+    bootstrap: int = 1000  # resamples for the 95% CIs
+    survival: SurvivalConfig = field(default_factory=SurvivalConfig)
+
+    def validate(self) -> TrainConfig:
+        problems = []
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {TASKS}, got {self.task!r}")
+        if not self.csv:
+            problems.append("csv is required")
+        if not self.features_dir:
+            problems.append("features_dir is required")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.survival.loss not in ("cox", "discrete"):
+            problems.append(f"survival.loss must be cox or discrete, got {self.survival.loss!r}")
+        for name in ("folds", "epochs", "batch_size", "accumulate", "survival.bins"):
+            value = _get(self, name)
+            if value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        if not 0 <= self.val_fraction < 1:
+            problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            problems.append(f"max_tiles must be >= 1 or null, got {self.max_tiles}")
+        if self.class_weighting and self.balanced_sampling and self.task == "classification":
+            problems.append("use class_weighting or balanced_sampling, not both (they would correct twice)")
+        if self.task == "survival" and self.survival.loss == "cox" and self.batch_size < 2:
+            problems.append("the Cox loss compares slides within a batch: set batch_size >= 2 "
+                            "(8-32 typical) or use survival.loss=discrete")
+        if problems:
+            raise ConfigError("invalid recipe: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _build(cls, data, prefix="")
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _valid_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _valid_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(key: str, prefix: str) -> ConfigError:
+    valid = _valid_keys(TrainConfig)
+    close = difflib.get_close_matches(prefix + key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown recipe key {prefix + key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's annotation, converting only where it is lossless."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if option is str and isinstance(value, (str, Path)):
+            return str(value)
+        if option is dict and isinstance(value, dict):
+            return dict(value)
+    names = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
+    raise ConfigError(f"recipe key {name!r} must be {names}, got {value!r}")
+
+
+def _build(cls, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise _unknown_key(str(key), prefix)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value or {}, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(prefix + key, value, hint)
+    return cls(**values)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with each ``dotted.key=value`` set (value parsed as a YAML scalar)."""
+    import yaml
+
+    data = _deep_copy(data)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} is not key=value")
+        value = yaml.safe_load(text) if text.strip() else None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a YAML recipe (optional) and overrides.
+
+    Examples
+    --------
+    >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
+    """
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such recipe file")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe is a YAML mapping of keys to values")
+    return TrainConfig.from_dict(apply_overrides(data, list(overrides or []))).validate()

@@ -1,0 +1,221 @@
+"""One fold's training: AdamW with warm-up and cosine decay, accumulation, mixed precision,
+early stopping, and a state file written every epoch so a killed run resumes exactly.
+
+Exact resumption needs every random draw to be a function of ``(seed, fold, epoch)``:
+the epoch's order and tile subsets come from seeded numpy generators, and torch's
+global generator (dropout) is reseeded at the start of every epoch. The state file
+then only needs what training itself changed: weights, optimizer moments, the
+schedule position, the loss scaler and the early-stopping bookkeeping.
+
+Notation: B bags per batch, N tiles, D feature dim, C outputs, n slides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from histoscope.eval.metrics import LOWER_IS_BETTER
+from histoscope.slide import SlideModel
+from histoscope.train.checkpoint import load_state, save_state
+from histoscope.train.data import BagDataset, Sample, collate_bags, epoch_order
+from histoscope.train.tasks import Task
+
+__all__ = ["EarlyStopping", "FitResult", "fit", "predict_bags", "autocast", "warmup_cosine", "derived_seed"]
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (e.g. seed, fold, epoch)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def warmup_cosine(*, total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+@dataclass
+class EarlyStopping:
+    patience: int
+    lower_is_better: bool
+    best: float = float("nan")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's validation value; True if it is the best so far."""
+        better = (self.best_epoch < 0 or (value < self.best if self.lower_is_better else value > self.best))
+        if better and math.isfinite(value):
+            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+            return True
+        self.bad_epochs += 1
+        self.stopped = self.bad_epochs >= self.patience
+        return False
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_bags(model: SlideModel, dataset: BagDataset, indices: Sequence[int], *, batch_size: int,
+                 device: torch.device, dtype: torch.dtype, with_scores: bool = False
+                 ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """``(logits (n, C) float64, per-tile scores [(N_i,)] or None)`` with the model in eval mode."""
+    model.eval()
+    logits, scores = [], [] if with_scores else None
+    for start in range(0, len(indices), batch_size):
+        batch = list(indices[start : start + batch_size])
+        features, coords, mask = collate_bags([dataset.bag(i) for i in batch])
+        with autocast(device, dtype):
+            output = model(features.to(device), coords.to(device), mask.to(device))
+        logits.append(output.logits.float().cpu().numpy().astype(np.float64))
+        if with_scores:
+            tile_scores = output.scores.float().cpu().numpy() if output.scores is not None else None
+            for row, length in enumerate(mask.sum(1).tolist()):
+                scores.append(tile_scores[row, :length] if tile_scores is not None else np.full(length, np.nan))
+    return np.concatenate(logits) if logits else np.zeros((0, model.num_outputs)), scores
+
+
+def _validate(model, task: Task, dataset, indices, samples: list[Sample], targets, *, batch_size, device, dtype
+              ) -> dict[str, float]:
+    logits, _ = predict_bags(model, dataset, indices, batch_size=batch_size, device=device, dtype=dtype)
+    loss = float(task.loss(torch.from_numpy(logits).float(), targets).item())
+    columns = {**task.truth_columns(samples), **task.output_columns(logits)}
+    metrics, arrays, _ = task.metric_inputs(columns)
+    return {"loss": loss, **metrics(*arrays)}
+
+
+def fit(
+    *,
+    model: SlideModel,
+    task: Task,
+    dataset: BagDataset,
+    train_indices: Sequence[int],
+    val_indices: Sequence[int],
+    samples: list[Sample],
+    config,
+    fold_number: int,
+    fold_name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    state_path: Path,
+    log: Callable[[str], None] | None = None,
+    on_epoch_end: Callable[..., None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train_indices``, early-stopping on ``val_indices``; resumes from ``state_path``.
+
+    ``fold_number`` (0, 1, …) seeds the fold's randomness; ``fold_name`` labels it in logs
+    and in ``on_epoch_end(fold=fold_name, epoch=, record=)``, which runs after each
+    epoch's state is saved (a test can raise there to simulate a kill).
+    """
+    log = log or (lambda message: None)
+    train_samples = [samples[i] for i in train_indices]
+    val_samples = [samples[i] for i in val_indices]
+    train_targets = task.targets(train_samples)
+    val_targets = task.targets(val_samples) if val_samples else None
+    weights = task.sample_weights(train_samples) if config.balanced_sampling else None
+
+    batches_per_epoch = math.ceil(len(train_indices) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.accumulate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        total_steps=config.epochs * steps_per_epoch, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        min_ratio=config.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    monitor = config.monitor if val_samples else "none"
+    early = EarlyStopping(config.patience, lower_is_better=monitor in LOWER_IS_BETTER)
+    history: list[dict[str, float]] = []
+    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    first_epoch = 0
+
+    state = load_state(state_path)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        early = EarlyStopping(**state["early"])
+        history, best_state, first_epoch = state["history"], state["best_state"], state["epoch"] + 1
+        log(f"fold {fold_name}: resuming after epoch {state['epoch']}")
+
+    for epoch in range(first_epoch, config.epochs):
+        if early.stopped:
+            break
+        started = time.perf_counter()
+        torch.manual_seed(derived_seed(config.seed, fold_number, epoch))
+        model.train()
+        positions = epoch_order(len(train_indices), seed=(config.seed, fold_number, epoch), weights=weights)
+        batches = [positions[i : i + config.batch_size] for i in range(0, len(positions), config.batch_size)]
+        running = 0.0
+        for group_start in range(0, len(batches), config.accumulate):
+            group = batches[group_start : group_start + config.accumulate]
+            optimizer.zero_grad(set_to_none=True)
+            for batch in group:
+                bags = [dataset.bag(train_indices[p], subsample_seed=(config.seed, fold_number, epoch)) for p in batch]
+                features, coords, mask = collate_bags(bags)
+                target = train_targets[batch].to(device)
+                with autocast(device, dtype):
+                    output = model(features.to(device), coords.to(device), mask.to(device))
+                    loss = task.loss(output.logits.float(), target)
+                    auxiliary = model.auxiliary_loss(output, target) if task.kind == "classification" else None
+                if auxiliary is not None:
+                    loss = loss + auxiliary.float()
+                scaler.scale(loss / len(group)).backward()
+                running += float(loss.detach()) * len(batch)
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+
+        record = {"epoch": epoch, "train_loss": running / len(positions), "lr": optimizer.param_groups[0]["lr"]}
+        if val_samples:
+            val = _validate(model, task, dataset, val_indices, val_samples, val_targets,
+                            batch_size=config.batch_size, device=device, dtype=dtype)
+            record.update({f"val_{k}": v for k, v in val.items()})
+            if monitor not in val:
+                raise ValueError(f"monitor {monitor!r} is not a validation value; choose from {sorted(val)}")
+            improved = early.update(val[monitor], epoch)
+        else:
+            improved, early.best_epoch = True, epoch
+        if improved:
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        record["seconds"] = time.perf_counter() - started
+        history.append(record)
+        log(f"fold {fold_name} epoch {epoch + 1}/{config.epochs} " +
+            " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) +
+            (" *" if improved else ""))
+        save_state(state_path, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "early": asdict(early),
+            "history": history, "best_state": best_state,
+        })
+        if on_epoch_end is not None:
+            on_epoch_end(fold=fold_name, epoch=epoch, record=record)
+    return FitResult(best_state=best_state, best_epoch=early.best_epoch, history=history)
