@@ -265,5 +265,13 @@ def demo(
     _summarise(embedded, out / f"features_{params.folder_name}")
 
 
+def _register_stage_commands() -> None:
+    from histoscope.cli.slide_cmds import register
+
+    register(app)
+
+
+_register_stage_commands()
+
 if __name__ == "__main__":
     app()
