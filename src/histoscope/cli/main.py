@@ -244,9 +244,11 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
     workers: WorkersOpt = 1,
 ) -> None:
-    """Run the main job end to end on a sample slide the project generates itself:
-    tissue → tiles at 0.5 µm/px → embeddings (a small ViT with explicitly random
-    weights, as no pretrained weights can ship with the package)."""
+    """Run the main job end to end on a generated sample slide (tiles, then embeddings).
+
+    Tissue → tiles at 0.5 µm/px → embeddings by a small ViT with explicitly random
+    weights, since no pretrained weights can ship with the package.
+    """
     from histoscope.encoders.extract import EmbedParams, embed_slides
     from histoscope.io.sample import make_sample_slide
     from histoscope.pipeline import tile_slides
