@@ -197,6 +197,8 @@ def test_every_registered_model_trains_in_bf16_and_reloads(name, small_mil, tmp_
     assert results["pooled"]["n"] == 12
     trained = load_trained_model(tmp_path / "fold_0" / "checkpoint.pt")
     assert trained.meta["histoscope_model"] == name and trained.task.class_names == ["negative", "positive"]
+    if "tile_size" in trained.meta["arch"]:  # position-aware models index the 512-px level-0 grid of the features
+        assert trained.meta["arch"]["tile_size"] == 512
 
 
 def test_splits_keep_patients_together_and_are_stratified(tmp_path):

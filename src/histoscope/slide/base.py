@@ -56,5 +56,7 @@ def default_mask(features: Tensor, mask: Tensor | None) -> Tensor:
 def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """Softmax over ``dim`` ignoring positions where ``mask`` is False (they get 0)."""
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores.float(), dim=dim).to(scores.dtype)
+    # At least fp32 (bf16 softmax over 10k tiles loses the small weights), float64 kept.
+    compute = torch.promote_types(scores.dtype, torch.float32)
+    weights = torch.softmax(scores.to(compute), dim=dim).to(scores.dtype)
     return weights * mask

@@ -7,6 +7,7 @@ the registered default architecture, lets ``**arch`` override any builder keywor
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ def get_slide_model_spec(name: str) -> SlideModelSpec:
 
 
 def load_slide_model(name: str, *, in_dim: int, num_outputs: int = 0, weights: str | Path | None = None,
-                     tiny: bool = False, **arch: Any) -> SlideModel:
+                     tiny: bool = False, new_head: bool = False, **arch: Any) -> SlideModel:
     """Build a registered slide model and (optionally) load a checkpoint strictly.
 
     Parameters
@@ -89,21 +90,28 @@ def load_slide_model(name: str, *, in_dim: int, num_outputs: int = 0, weights: s
         ``convert_checkpoint``) or as ``histoscope train`` writes it.
     tiny : bool
         Use the registered tiny test variant (then ``**arch`` on top).
+    new_head : bool
+        The checkpoint is an encoder without this task's head (e.g. the published
+        Prov-GigaPath slide encoder, to be fine-tuned): the ``head.*`` parameters
+        keep their fresh initialisation; every other key must still match.
     """
     spec = get_slide_model_spec(name)
     kwargs = {**spec.defaults, **(spec.tiny if tiny else {}), **arch}
     model = spec.builder(in_dim=in_dim, num_outputs=num_outputs, **kwargs)
     if weights is not None:
-        load_slide_weights(model, weights, spec)
+        load_slide_weights(model, weights, spec, new_head=new_head)
     return model
 
 
-def load_slide_weights(model: SlideModel, weights: str | Path, spec: SlideModelSpec | None = None) -> None:
+def load_slide_weights(model: SlideModel, weights: str | Path, spec: SlideModelSpec | None = None, *,
+                       new_head: bool = False) -> None:
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # DINO-style training checkpoints (HIPT) also pickle their argparse arguments.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle, …
         raise SlideWeightsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
     if isinstance(checkpoint, dict) and "histoscope_model" in checkpoint:
@@ -114,10 +122,14 @@ def load_slide_weights(model: SlideModel, weights: str | Path, spec: SlideModelS
         state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint)) if isinstance(checkpoint, dict) else checkpoint
     result = model.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if new_head:
+        missing = [key for key in missing if not key.startswith("head.")]
     if missing or unexpected:
         raise SlideWeightsError(
             f"{path} does not fit {type(model).__name__}"
             + (f" ({spec.name})" if spec else "")
             + f": {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}. "
             "Is it a checkpoint of this model with these architecture settings?"
+            + (" To fine-tune an encoder-only checkpoint with a new head, pass new_head=True."
+               if missing and all(k.startswith("head.") for k in missing) else "")
         )

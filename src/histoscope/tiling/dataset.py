@@ -92,5 +92,13 @@ def tile_loader(sources: Sequence[TileSource], *, chunk_size: int = 64, num_work
     if num_workers > 0:
         # The platform default start method (fork on Linux) starts workers in milliseconds;
         # workers only decode and preprocess, and PyTorch limits them to one thread.
-        options = {"prefetch_factor": prefetch, "persistent_workers": False}
+        options = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": _single_threaded}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, **options)
+
+
+def _single_threaded(_worker_id: int) -> None:
+    """Keep each decoding worker on one core: OpenCV otherwise starts a thread pool
+    per worker that fights the model's threads for the same cores."""
+    import cv2
+
+    cv2.setNumThreads(1)

@@ -21,7 +21,8 @@ import torch
 
 from histoscope.io.features_h5 import read_features
 
-__all__ = ["Sample", "read_table", "FeatureCache", "BagDataset", "collate_bags", "epoch_order", "features_dim"]
+__all__ = ["Sample", "read_table", "FeatureCache", "BagDataset", "collate_bags", "epoch_order", "features_dim",
+           "features_tile_size"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,15 @@ def features_dim(path: str | Path) -> int:
 
     with h5py.File(path, "r") as f:
         return int(f["features"].shape[1])
+
+
+def features_tile_size(path: str | Path) -> float | None:
+    """Level-0 edge of the tiles of a features file (``patch_size_level0``), if recorded."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        attrs = f["coords"].attrs if "coords" in f else {}
+        return float(attrs["patch_size_level0"]) if "patch_size_level0" in attrs else None
 
 
 class FeatureCache:

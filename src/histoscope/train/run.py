@@ -32,7 +32,7 @@ from histoscope.io.atomic import atomic_path, write_json
 from histoscope.slide import load_slide_model
 from histoscope.train.checkpoint import resolved_arch, save_checkpoint
 from histoscope.train.config import ConfigError, TrainConfig
-from histoscope.train.data import BagDataset, FeatureCache, features_dim, read_table
+from histoscope.train.data import BagDataset, FeatureCache, features_dim, features_tile_size, read_table
 from histoscope.train.loop import derived_seed, fit, predict_bags
 from histoscope.train.splits import make_splits
 from histoscope.train.tasks import Task, make_task
@@ -134,6 +134,12 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
     dtype = precision_dtype(config.precision, device)
     dataset = BagDataset(paths, FeatureCache(int(config.cache_gb * 2**30)), max_tiles=config.max_tiles)
     arch = resolved_arch(config.model, tiny=config.tiny, model_args=config.model_args)
+    if "tile_size" in arch and "tile_size" not in config.model_args:
+        # Position-aware models (LongNet, HIPT) index tiles on their level-0 grid: 0.5 µm/px
+        # tiles cut from a 0.25 µm/px scan step by 512, not by the 256 of their pixels.
+        tile_size = features_tile_size(paths[0])
+        if tile_size is not None:
+            arch["tile_size"] = tile_size
     log(f"{len(samples)} slides, {len({s.patient_id for s in samples})} patients, {len(splits)} folds, "
         f"D={in_dim}, model {config.model}, device {device}, {dtype}")
 
