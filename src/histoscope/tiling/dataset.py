@@ -90,10 +90,22 @@ def tile_loader(sources: Sequence[TileSource], *, chunk_size: int = 64, num_work
     stream = TileStream(sources, chunk_size=chunk_size, transform=transform)
     options: dict[str, Any] = {}
     if num_workers > 0:
-        # The platform default start method (fork on Linux) starts workers in milliseconds;
-        # workers only decode and preprocess, and PyTorch limits them to one thread.
-        options = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": _single_threaded}
+        options = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": _single_threaded,
+                   "multiprocessing_context": _worker_context()}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, **options)
+
+
+def _worker_context():
+    """Workers fork from a clean server process, never from this one: forking a process
+    whose OpenCV/OpenMP thread pools have run can deadlock the child, while the server
+    has only imported the decoding stack (so workers still start in milliseconds)."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["histoscope.tiling.dataset", "histoscope.encoders.preprocess", "cv2"])
+    return context
 
 
 def _single_threaded(_worker_id: int) -> None:
