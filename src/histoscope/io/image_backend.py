@@ -29,27 +29,15 @@ class ImageSlide(Slide):
         Image.MAX_IMAGE_PIXELS = None  # ROI files are trusted local data, not web uploads
         try:
             with Image.open(self.path) as image:
-                self._vendor = (image.format or "image").lower()
-                self._metadata_mpp = _pil_mpp(image)
+                self.vendor = (image.format or "image").lower()
+                self.metadata_mpp = _pil_mpp(image)
                 self._array = np.asarray(image.convert("RGB"))
         except UnidentifiedImageError as error:
             raise CorruptSlideError(self.path, "not a readable image") from error
         except OSError as error:
             raise CorruptSlideError(self.path, f"image is damaged or truncated ({error})") from error
         height, width = self._array.shape[:2]
-        self._levels = (Level(width, height, 1.0),)
-
-    @property
-    def levels(self) -> tuple[Level, ...]:
-        return self._levels
-
-    @property
-    def metadata_mpp(self) -> float | None:
-        return self._metadata_mpp
-
-    @property
-    def vendor(self) -> str:
-        return self._vendor
+        self.levels = (Level(width, height, 1.0),)
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         return self._array[y : y + height, x : x + width]

@@ -46,18 +46,19 @@ class OpenSlideSlide(Slide):
         self._handle = None
         self._pid = -1
         handle = self._open()
-        self._levels = tuple(
+        self.levels = tuple(
             Level(int(w), int(h), float(d)) for (w, h), d in zip(handle.level_dimensions, handle.level_downsamples)
         )
-        self._properties = dict(handle.properties)
-        self._associated = tuple(handle.associated_images.keys())
-        self._metadata_mpp = mpp_from_openslide(self._properties)
-        if self._metadata_mpp is None and "tiff.XResolution" in self._properties:
-            unit = {"inch": 2, "centimeter": 3}.get(self._properties.get("tiff.ResolutionUnit", ""))
+        self.properties = dict(handle.properties)
+        self.vendor = self.properties.get("openslide.vendor", "unknown")
+        self.associated_images = tuple(handle.associated_images.keys())
+        self.metadata_mpp = mpp_from_openslide(self.properties)
+        if self.metadata_mpp is None and "tiff.XResolution" in self.properties:
+            unit = {"inch": 2, "centimeter": 3}.get(self.properties.get("tiff.ResolutionUnit", ""))
             try:
-                self._metadata_mpp = mpp_from_resolution(float(self._properties["tiff.XResolution"]), unit)
+                self.metadata_mpp = mpp_from_resolution(float(self.properties["tiff.XResolution"]), unit)
             except ValueError:
-                self._metadata_mpp = None
+                self.metadata_mpp = None
 
     def _open(self):
         import openslide
@@ -74,35 +75,15 @@ class OpenSlideSlide(Slide):
             self._pid = os.getpid()
         return self._handle
 
-    @property
-    def levels(self) -> tuple[Level, ...]:
-        return self._levels
-
-    @property
-    def metadata_mpp(self) -> float | None:
-        return self._metadata_mpp
-
-    @property
-    def vendor(self) -> str:
-        return self._properties.get("openslide.vendor", "unknown")
-
-    @property
-    def properties(self) -> dict[str, str]:
-        return dict(self._properties)
-
-    @property
-    def associated_images(self) -> tuple[str, ...]:
-        return self._associated
-
     def read_associated(self, name: str) -> np.ndarray:
-        if name not in self._associated:
+        if name not in self.associated_images:
             return super().read_associated(name)
         return rgba_to_rgb(np.asarray(self._open().associated_images[name].convert("RGBA")))
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         import openslide
 
-        downsample = self._levels[level].downsample
+        downsample = self.levels[level].downsample
         location = (int(round(x * downsample)), int(round(y * downsample)))
         try:
             image = self._open().read_region(location, level, (width, height))

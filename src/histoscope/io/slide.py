@@ -50,30 +50,17 @@ class Slide(abc.ABC):
         if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
             raise ValueError(f"{self.path}: mpp override must be a positive number, got {mpp!r}")
         self._mpp_override = mpp
+        self.vendor = "unknown"
+        self.properties = {}
+        self.associated_images = ()
 
     # ---- what a backend provides -------------------------------------------------
-    @property
-    @abc.abstractmethod
-    def levels(self) -> tuple[Level, ...]:
-        """Pyramid levels, finest first."""
-
-    @property
-    @abc.abstractmethod
-    def metadata_mpp(self) -> float | None:
-        """Level-0 µm/px as stored in the file, or ``None``."""
-
-    @property
-    def vendor(self) -> str:
-        return "unknown"
-
-    @property
-    def properties(self) -> dict[str, str]:
-        return {}
-
-    @property
-    def associated_images(self) -> tuple[str, ...]:
-        """Names of label/macro/thumbnail images stored beside the pyramid."""
-        return ()
+    # Set by each backend's __init__:
+    levels: tuple[Level, ...]  # pyramid levels, finest first
+    metadata_mpp: float | None  # level-0 µm/px as stored in the file, or None
+    vendor: str
+    properties: dict[str, str]  # the format's metadata as key/value strings
+    associated_images: tuple[str, ...]  # label/macro/thumbnail images beside the pyramid
 
     def read_associated(self, name: str) -> np.ndarray:
         raise KeyError(f"{self.path}: no associated image {name!r}; available: {list(self.associated_images)}")

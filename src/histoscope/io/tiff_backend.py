@@ -124,20 +124,20 @@ class TiffSlide(Slide):
         pages = _pyramid_pages(tif)
         first = pages[0]
         description = first.description or ""
-        self._vendor = "aperio" if tif.is_svs else ("ome" if tif.is_ome else "generic-tiff")
-        self._description = description
+        self.vendor = "aperio" if tif.is_svs else ("ome" if tif.is_ome else "generic-tiff")
+        self.properties = {"tiff.ImageDescription": description}
         if tif.is_svs:
-            self._metadata_mpp = mpp_from_aperio(description)
+            self.metadata_mpp = mpp_from_aperio(description)
         elif tif.is_ome:
-            self._metadata_mpp = mpp_from_ome(tif.pages.first.description)
+            self.metadata_mpp = mpp_from_ome(tif.pages.first.description)
         else:
-            self._metadata_mpp = None
-        if self._metadata_mpp is None:
+            self.metadata_mpp = None
+        if self.metadata_mpp is None:
             tags = first.tags
             xres = tags["XResolution"].value if "XResolution" in tags else None
             # An absent ResolutionUnit means inch (TIFF 6.0 default), as OpenSlide reads it.
             unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
-            self._metadata_mpp = mpp_from_resolution(xres, unit)
+            self.metadata_mpp = mpp_from_resolution(xres, unit)
         self._layouts: list[_LevelLayout] = []
         file_size = os.path.getsize(self.path)
         for page in pages:
@@ -173,7 +173,7 @@ class TiffSlide(Slide):
             )
         w0, h0 = self._layouts[0].width, self._layouts[0].height
         # OpenSlide's definition: the mean of the two axis ratios.
-        self._levels = tuple(
+        self.levels = tuple(
             Level(l.width, l.height, (w0 / l.width + h0 / l.height) / 2) for l in self._layouts
         )
         self._associated = {}
@@ -182,27 +182,7 @@ class TiffSlide(Slide):
                 name = series.name.lower()
                 if name in ("thumbnail", "label", "macro"):
                     self._associated[name] = series.keyframe.index
-
-    # ---- Slide interface ------------------------------------------------------------
-    @property
-    def levels(self) -> tuple[Level, ...]:
-        return self._levels
-
-    @property
-    def metadata_mpp(self) -> float | None:
-        return self._metadata_mpp
-
-    @property
-    def vendor(self) -> str:
-        return self._vendor
-
-    @property
-    def properties(self) -> dict[str, str]:
-        return {"tiff.ImageDescription": self._description}
-
-    @property
-    def associated_images(self) -> tuple[str, ...]:
-        return tuple(self._associated)
+        self.associated_images = tuple(self._associated)
 
     def read_associated(self, name: str) -> np.ndarray:
         if name not in self._associated:
