@@ -170,7 +170,7 @@ def run(
     encoder: EncoderOpt = "uni",
     weights: WeightsOpt = None,
     mpp: Annotated[Optional[float], typer.Option(help="Tile resolution in µm/px (default: the encoder's native one, else 0.5).")] = None,
-    size: Annotated[int, typer.Option(help="Tile edge in px at the target resolution.")] = 256,
+    size: Annotated[Optional[int], typer.Option(help="Tile edge in px (default: the encoder's native tile, else 256).")] = None,
     slide_mpp: SlideMppOpt = None,
     workers: WorkersOpt = 2,
     batch_size: BatchOpt = 64,
@@ -183,9 +183,10 @@ def run(
     from histoscope.encoders.extract import embed_slides
     from histoscope.pipeline import TileParams, tile_slides
 
-    if mpp is None:
-        native = _guarded(lambda: get_tile_encoder_spec(encoder)).native_mpp
-        mpp = native or 0.5
+    spec = _guarded(lambda: get_tile_encoder_spec(encoder))
+    # The encoder's own training geometry: e.g. 256 px at 0.5 µm/px for UNI, 224 for Virchow.
+    mpp = mpp or spec.native_mpp or 0.5
+    size = size or spec.native_tile or 256
     tiled = _guarded(lambda: tile_slides(slides, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers,
                                          slide_mpp=slide_mpp))
     _summarise(tiled, out, exit_on_failure=False)
