@@ -146,13 +146,21 @@ def test_killed_embed_resumes(tiled, tmp_path):
 
 
 def test_cli_run_tiles_and_embeds(tiled, tmp_path):
-    args = ["run", str(tiled / "slides" / "s1.svs"), "--out", str(tmp_path), "--encoder", "uni", "--weights",
+    # A CSV renaming the slide and giving an mpp its metadata lacks: both must reach the embed stage.
+    make_sample_slide(tmp_path / "nompp.svs", width=1536, height=1536, mpp=None, seed=71)
+    (tmp_path / "cohort.csv").write_text(f"path,slide_id,mpp\n{tiled / 'slides' / 's1.svs'},case-1,\n"
+                                         f"{tmp_path / 'nompp.svs'},case-2,0.25\n")
+    args = ["run", str(tmp_path / "cohort.csv"), "--out", str(tmp_path / "out"), "--encoder", "uni", "--weights",
             str(tiled / "uni_tiny.bin"), "--devices", "cpu", "--workers", "0"]
     args += [a for k, v in TINY.items() for a in ("--arch", f"{k}={v}")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    features, coords, attrs = read_features(tmp_path / "features_uni" / "s1.h5")
-    assert features.shape[1] == 48 and attrs["target_mpp"] == 0.5  # UNI's native resolution
+    for name in ("case-1", "case-2"):
+        features, coords, attrs = read_features(tmp_path / "out" / "features_uni" / f"{name}.h5")
+        # UNI's native geometry: 256 px at 0.5 µm/px.
+        assert features.shape == (len(coords), 48) and len(coords) > 0
+        assert attrs["target_mpp"] == 0.5 and attrs["patch_size"] == 256 and attrs["patch_size_level0"] == 512
+        assert (tmp_path / "out" / "masks" / f"{name}.png").exists()  # tissue outputs named by slide id
 
 
 def test_embed_slide_in_three_lines_matches_pipeline(tiled):
@@ -163,4 +171,25 @@ def test_embed_slide_in_three_lines_matches_pipeline(tiled):
     embed_slides([tiled / "slides" / "s1.svs"], out_dir=tiled / "out", params=_params(tiled), progress=False)
     expected, expected_coords, _ = read_features(tiled / "out" / "features_uni" / "s1.h5")
     np.testing.assert_array_equal(coords, expected_coords)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_clam_patch_files_at_a_coarser_level(tiled, tmp_path):
+    """CLAM stores `patch_size` px at `patch_level` with its `downsample`: tiles are read there."""
+    slide_path = tmp_path / "clam.tiff"
+    make_sample_slide(slide_path, width=2048, height=1536, mpp=0.25, kind="tiff", downsamples=(1, 2), seed=70)
+    coords = np.array([[0, 0], [512, 512], [1024, 0]], dtype=np.int64)
+    (tmp_path / "out" / "patches").mkdir(parents=True)
+    with h5py.File(tmp_path / "out" / "patches" / "clam.h5", "w") as f:  # CLAM's file name and attributes
+        ds = f.create_dataset("coords", data=coords)
+        ds.attrs.update(patch_level=1, patch_size=256, downsample=np.array([2.0, 2.0]),
+                        level_dim=np.array([1024, 768]), downsampled_level_dim=np.array([1024, 768]), name="clam")
+    result = embed_slides([slide_path], out_dir=tmp_path / "out", params=_params(tiled, workers=0), progress=False)
+    assert result.ok, result.records
+    features, _, _ = read_features(tmp_path / "out" / "features_uni" / "clam.h5")
+    encoder = load_tile_encoder("uni", weights=tiled / "uni_tiny.bin", **TINY)
+    slide = open_slide(slide_path)
+    tiles = np.stack([slide.read_region((int(x), int(y)), 1, (256, 256)) for x, y in coords])  # CLAM's read
+    with torch.inference_mode():
+        expected = encoder(encoder.transform(tiles)).numpy()
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)

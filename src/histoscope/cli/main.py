@@ -181,19 +181,18 @@ def run(
     """Tile and embed in one go (tissue → tiles → features)."""
     from histoscope.encoders import get_tile_encoder_spec
     from histoscope.encoders.extract import embed_slides
-    from histoscope.pipeline import TileParams, tile_slides
+    from histoscope.pipeline import TileParams, collect_slides, tile_slides
 
     spec = _guarded(lambda: get_tile_encoder_spec(encoder))
     # The encoder's own training geometry: e.g. 256 px at 0.5 µm/px for UNI, 224 for Virchow.
     mpp = mpp or spec.native_mpp or 0.5
     size = size or spec.native_tile or 256
-    tiled = _guarded(lambda: tile_slides(slides, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers,
-                                         slide_mpp=slide_mpp))
+    jobs = _guarded(lambda: collect_slides(slides, slide_mpp=slide_mpp))  # keeps CSV slide ids and mpp
+    tiled = _guarded(lambda: tile_slides(jobs, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers))
     _summarise(tiled, out, exit_on_failure=False)
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, False, arch)
-    ok = [name for name, record in tiled.records.items() if record["status"] == "ok"]
-    jobs = [record["path"] for name, record in tiled.records.items() if name in ok]
-    embedded = _guarded(lambda: embed_slides(jobs, out_dir=out, params=params, slide_mpp=slide_mpp))
+    ok = [job for job in jobs if tiled.records[job.name]["status"] == "ok"]
+    embedded = _guarded(lambda: embed_slides(ok, out_dir=out, params=params))
     _summarise(embedded, out / f"features_{params.folder_name}", exit_on_failure=False)
     if tiled.failed or embedded.failed:
         raise typer.Exit(1)

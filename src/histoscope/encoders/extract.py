@@ -157,7 +157,7 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
     pending: list[tuple[SlideJob, dict[str, Any], np.ndarray]] = []
     for job in jobs:
         try:
-            coords, attrs = read_patches(patches_path(out_dir, job.name))
+            coords, attrs = read_patches(_find_patches(out_dir, job.name))
         except (OSError, KeyError) as error:
             report.update(job, {"status": "failed", "error": f"no tile coordinates for {job.path} "
                                 f"({type(error).__name__}: {error}); run `histoscope tile` on it first"})
@@ -229,6 +229,13 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
     return BatchResult({job.name: report.records[job.name] for job in jobs if job.name in report.records})
 
 
+def _find_patches(out_dir: Path, name: str) -> Path:
+    """``patches/<slide>_patches.h5`` (histoscope, TRIDENT), else CLAM's ``patches/<slide>.h5``."""
+    path = patches_path(out_dir, name)
+    clam = out_dir / "patches" / f"{name}.h5"
+    return clam if not path.exists() and clam.exists() else path
+
+
 def _target_mpp(attrs: dict[str, Any], job: SlideJob) -> float:
     """Tile resolution of a patches file: ours stores it; TRIDENT/CLAM files give it
     through the level-0 patch size."""
@@ -236,9 +243,13 @@ def _target_mpp(attrs: dict[str, Any], job: SlideJob) -> float:
         return float(attrs["target_mpp"])
     from histoscope.io import open_slide
 
+    patch_size = float(attrs["patch_size"])
+    if "patch_size_level0" in attrs:
+        size0 = float(attrs["patch_size_level0"])
+    else:  # CLAM: patch_size px at `patch_level`, whose downsample is stored
+        size0 = patch_size * float(np.ravel(attrs.get("downsample", [1.0]))[0])
     with open_slide(job.path, mpp=job.mpp) as slide:
-        size0 = float(attrs.get("patch_size_level0", attrs["patch_size"]))
-        return slide.mpp * size0 / float(attrs["patch_size"])
+        return slide.mpp * size0 / patch_size
 
 
 def _drain(workers: _DeviceWorkers, writers, failed, finish, bar, *, block: bool) -> int:
@@ -288,7 +299,7 @@ class _TileProgress:
         self.progress.stop()
 
 
-def embed_slide(slide, encoder, *, mpp: float | None = None, size: int = 256, batch_size: int = 64,
+def embed_slide(slide, encoder, *, mpp: float | None = None, size: int | None = None, batch_size: int = 64,
                 min_tissue: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """Embed one slide in memory: segment tissue, tile at ``mpp``, encode every tile.
 
@@ -301,6 +312,8 @@ def embed_slide(slide, encoder, *, mpp: float | None = None, size: int = 256, ba
     encoder : TileEncoder
     mpp : float, optional
         Tile resolution; default the encoder's native resolution (else 0.5 µm/px).
+    size : int, optional
+        Tile edge in px; default the encoder's native tile.
 
     Returns
     -------
@@ -317,8 +330,10 @@ def embed_slide(slide, encoder, *, mpp: float | None = None, size: int = 256, ba
     from histoscope.tissue import segment_tissue
 
     if not isinstance(slide, Slide):
-        slide = open_slide(slide)
+        with open_slide(slide) as opened:
+            return embed_slide(opened, encoder, mpp=mpp, size=size, batch_size=batch_size, min_tissue=min_tissue)
     mpp = mpp or encoder.spec.native_mpp or 0.5
+    size = size or encoder.spec.native_tile
     grid = tile_grid(slide, segment_tissue(slide), size=size, mpp=mpp, min_tissue=min_tissue)
     device = next(encoder.parameters()).device
     dtype = next(encoder.parameters()).dtype

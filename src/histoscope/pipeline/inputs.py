@@ -56,8 +56,9 @@ def _from_csv(csv_path: Path, slide_mpp: float | None) -> list[SlideJob]:
     return jobs
 
 
-def collect_slides(specs: list[str | Path], *, slide_mpp: float | None = None) -> list[SlideJob]:
-    """Slide jobs from files, folders (their slide files), glob patterns and CSV files.
+def collect_slides(specs: list[str | Path | SlideJob], *, slide_mpp: float | None = None) -> list[SlideJob]:
+    """Slide jobs from files, folders (their slide files), glob patterns, CSV files, or
+    ``SlideJob``s (kept as they are).
 
     A CSV needs a ``path`` column (relative paths are relative to the CSV) and may
     have ``slide_id`` and ``mpp`` (which beats ``slide_mpp`` for its row). Missing
@@ -66,6 +67,9 @@ def collect_slides(specs: list[str | Path], *, slide_mpp: float | None = None) -
     """
     jobs: list[SlideJob] = []
     for spec in specs:
+        if isinstance(spec, SlideJob):  # already resolved (e.g. by an earlier stage)
+            jobs.append(spec)
+            continue
         text = str(spec)
         path = Path(text)
         if path.suffix.lower() == ".csv" and path.is_file():

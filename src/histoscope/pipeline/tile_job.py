@@ -59,7 +59,7 @@ def tile_slide(job: SlideJob, *, out_dir: str | Path, params: TileParams) -> dic
     notes: list[str] = []
     with open_slide(job.path, mpp=job.mpp, backend=params.backend) as slide:
         tissue = segment_tissue(slide, seg_mpp=params.seg_mpp, remove_pen=params.remove_pen)
-        save_tissue_outputs(slide, tissue, out_dir)
+        save_tissue_outputs(slide, tissue, out_dir, name=job.name)
         grid = tile_grid(slide, tissue, size=params.size, mpp=params.mpp, overlap=params.overlap,
                          min_tissue=params.min_tissue)
         if len(grid) == 0:

@@ -30,16 +30,19 @@ def tissue_output_paths(out_dir: str | Path, slide_name: str) -> dict[str, Path]
 
 
 def save_tissue_outputs(
-    slide: Slide, tissue: TissueMask, out_dir: str | Path, *, thumbnail_size: int = 1024
+    slide: Slide, tissue: TissueMask, out_dir: str | Path, *, name: str | None = None, thumbnail_size: int = 1024
 ) -> dict[str, Path]:
     """Write the GeoJSON, mask PNG and outlined thumbnail of one slide, each atomically.
+
+    ``name`` is the slide id in the output file names (default: the file's stem), so
+    slides given distinct ``slide_id``s in a CSV never overwrite each other's outputs.
 
     Returns
     -------
     dict of str to Path
         The paths written, as :func:`tissue_output_paths`.
     """
-    paths = tissue_output_paths(out_dir, slide.name)
+    paths = tissue_output_paths(out_dir, name or slide.name)
     write_json(paths["geojson"], tissue.to_geojson())
     tissue.save_png(paths["mask"])
     write_image(paths["thumbnail"], draw_contours(slide.thumbnail(thumbnail_size), tissue))
