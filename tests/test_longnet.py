@@ -238,13 +238,23 @@ def test_positions_match_the_official_table_including_wrap():
     coords = torch.randint(0, ngrids * tile, (1, 40, 2), generator=gen).double()
     coords[0, :3] = torch.tensor([[0.0, 0.0], [6 * tile + 255, 8 * tile], [2 * tile, 9 * tile + 3]])  # gy ≥ 7 wraps
     pos = (torch.floor(coords / tile)[..., 0] * ngrids + torch.floor(coords / tile)[..., 1]).long() + 1
-    pos = pos.clamp(max=ngrids * ngrids)  # the (6, 8) cell is past the official table's end
     ours = model.position_embedding(coords, torch.float64)
-    keep = pos < ngrids * ngrids
-    torch.testing.assert_close(ours[keep], table[pos[keep]], atol=1e-12, rtol=0)
+    inside = pos <= ngrids * ngrids  # rows that exist in the official (ngrids² + 1)-row table
+    assert inside.sum() >= 37 and not inside[0, 1]  # the (6, 8) cell lies past the table's end
+    torch.testing.assert_close(ours[inside], table[pos[inside]], atol=1e-12, rtol=0)
+    # Past the end the official lookup would fail; we continue its formula: flat grid
+    # index k = pos - 1 encodes (k mod ngrids) in the first half and (k div ngrids) in the second.
+    k = int(pos[0, 1]) - 1
+    big = _mae_table(16, 64)  # a table large enough to hold both indices: row 1 + j encodes (j mod 64, j div 64)
+    expected = np.concatenate([big[1 + k % ngrids][:8], big[1 + 64 * (k // ngrids)][8:]])
+    torch.testing.assert_close(ours[0, 1], torch.from_numpy(expected), atol=1e-12, rtol=0)
     gx, gy = grid_indices(torch.tensor([2.0 * tile, 9 * tile + 3]), tile, ngrids)
     assert (int(gx), int(gy)) == (3, 2)
-    assert sincos_2d(torch.tensor([1]), torch.tensor([2]), 8).shape == (1, 8)
+    # sincos_2d(col, row): [sin(col ω), cos(col ω), sin(row ω), cos(row ω)], ω_t = 10000^(-t/(dim/4))
+    pe = sincos_2d(torch.tensor([1]), torch.tensor([2]), 8, torch.float64)[0]
+    omega = 1.0 / 10000 ** (np.arange(2) / 2.0)
+    reference = np.concatenate([np.sin(1 * omega), np.cos(1 * omega), np.sin(2 * omega), np.cos(2 * omega)])
+    torch.testing.assert_close(pe, torch.from_numpy(reference), atol=1e-12, rtol=0)
 
 
 def test_published_segment_lengths():
