@@ -193,3 +193,15 @@ def test_clam_patch_files_at_a_coarser_level(tiled, tmp_path):
     with torch.inference_mode():
         expected = encoder(encoder.transform(tiles)).numpy()
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_same_features(tiled):
+    """`--compile` (torch.compile, Inductor) changes speed, not results."""
+    out = tiled / "out"
+    embed_slides([tiled / "slides" / "s1.svs"], out_dir=out, params=_params(tiled), progress=False)
+    compiled = embed_slides([tiled / "slides" / "s1.svs"], out_dir=out,
+                            params=_params(tiled, compile=True, output_name="compiled"), progress=False)
+    assert compiled.ok, compiled.records
+    np.testing.assert_allclose(read_features(out / "features_compiled" / "s1.h5")[0],
+                               read_features(out / "features_uni" / "s1.h5")[0], rtol=1e-4, atol=1e-4)
