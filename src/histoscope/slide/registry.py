@@ -19,7 +19,7 @@ import torch
 from histoscope.slide.base import SlideModel
 
 __all__ = ["SlideModelSpec", "register_slide_model", "list_slide_models", "get_slide_model_spec",
-           "load_slide_model", "SlideWeightsError"]
+           "load_slide_model", "read_checkpoint", "SlideWeightsError"]
 
 
 class SlideWeightsError(RuntimeError):
@@ -103,17 +103,24 @@ def load_slide_model(name: str, *, in_dim: int, num_outputs: int = 0, weights: s
     return model
 
 
-def load_slide_weights(model: SlideModel, weights: str | Path, spec: SlideModelSpec | None = None, *,
-                       new_head: bool = False) -> None:
-    path = Path(weights)
+def read_checkpoint(path: str | Path) -> Any:
+    """``torch.load`` a checkpoint safely (tensors and plain containers only), with
+    errors that name the file."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         # DINO-style training checkpoints (HIPT) also pickle their argparse arguments.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, pickle, …
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, unexpected pickled classes, …
         raise SlideWeightsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
+
+
+def load_slide_weights(model: SlideModel, weights: str | Path, spec: SlideModelSpec | None = None, *,
+                       new_head: bool = False) -> None:
+    path = Path(weights)
+    checkpoint = read_checkpoint(path)
     if isinstance(checkpoint, dict) and "histoscope_model" in checkpoint:
         state = checkpoint["state_dict"]
     elif spec is not None and spec.convert_checkpoint is not None:

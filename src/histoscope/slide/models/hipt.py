@@ -36,7 +36,6 @@ state dict; the DINO-pretrained region ViT (``vit4k_xs_dino.pth``) covers only
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from functools import partial
@@ -50,7 +49,7 @@ from torch import Tensor, nn
 
 from histoscope.layers.gated_attention import GatedAttentionNet
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask, masked_softmax
-from histoscope.slide.registry import SlideWeightsError, register_slide_model
+from histoscope.slide.registry import SlideWeightsError, read_checkpoint, register_slide_model
 
 __all__ = ["HIPT", "VisionTransformer4K", "region_grids", "hipt_state_dict", "vit4k_state_dict", "load_vit4k_dino"]
 
@@ -282,14 +281,7 @@ def load_vit4k_dino(model: HIPT | VisionTransformer4K, path: str | Path) -> None
     """Load the published ``vit4k_xs_dino.pth`` into a HIPT model's ``local_vit``
     (or a bare :class:`VisionTransformer4K`), strictly."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        # DINO checkpoints also pickle the training args (argparse.Namespace): allow that one class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, unexpected pickled classes, …
-        raise SlideWeightsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
+    checkpoint = read_checkpoint(path)
     vit = model.local_vit if isinstance(model, HIPT) else model
     result = vit.load_state_dict(vit4k_state_dict(checkpoint), strict=False)
     if result.missing_keys or result.unexpected_keys:
