@@ -175,9 +175,9 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
         sources.append(TileSource(str(job.path), coords, int(attrs["patch_size"]), _target_mpp(attrs, job), job.mpp))
         coords_attrs = {k: v for k, v in attrs.items() if k != "tissue_fraction"}
         writer = FeaturesWriter(
-            features_path(out_dir, params.folder_name, job.name), num_tiles=len(coords), dim=encoder.embed_dim,
+            feature_dir / f"{job.name}.h5", num_tiles=len(coords), dim=encoder.embed_dim,
             coords=coords, coords_attrs=coords_attrs,
-            features_attrs={"name": job.name, "encoder": params.encoder, "savetodir": str(features_path(out_dir, params.folder_name, job.name).parent),
+            features_attrs={"name": job.name, "encoder": params.encoder, "savetodir": str(feature_dir),
                             "weights_sha256": checksum, "weights_path": str(encoder.weights_path or ""),
                             "dtype": str(workers.dtype).replace("torch.", ""), "embed_dim": encoder.embed_dim},
         )
@@ -201,9 +201,8 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
     # Preprocessing runs in the decoding workers; a partial of a module-level function
     # pickles cheaply (the encoder itself never leaves this process).
     transform = functools.partial(preprocess_tiles, preprocess=encoder.spec.preprocess)
-    loader = tile_loader([sources[i] if i in writers else TileSource(sources[i].path, np.zeros((0, 2), np.int64))
-                          for i in range(len(sources))],
-                         chunk_size=params.batch_size, num_workers=params.workers, transform=transform)
+    # Slides already finished above have no tiles, so they yield no chunks.
+    loader = tile_loader(sources, chunk_size=params.batch_size, num_workers=params.workers, transform=transform)
     in_flight = 0
     try:
         for item in loader:
