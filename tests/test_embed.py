@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from histoscope import open_slide
 from histoscope.cli.main import app
 from histoscope.encoders import load_tile_encoder
-from histoscope.encoders.extract import EmbedParams, embed_slides
+from histoscope.pipeline.embed import EmbedParams, embed_slides
 from histoscope.io.features_h5 import read_features
 from histoscope.io.sample import make_sample_slide
 from histoscope.pipeline import LocalExecutor, tile_slides
@@ -164,7 +164,7 @@ def test_cli_run_tiles_and_embeds(tiled, tmp_path):
 
 
 def test_embed_slide_in_three_lines_matches_pipeline(tiled):
-    from histoscope.encoders.extract import embed_slide
+    from histoscope.pipeline.embed import embed_slide
 
     encoder = load_tile_encoder("uni", weights=tiled / "uni_tiny.bin", **TINY)
     features, coords = embed_slide(tiled / "slides" / "s1.svs", encoder, batch_size=16)

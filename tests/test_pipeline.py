@@ -102,7 +102,7 @@ def test_slide_mpp_override_and_csv_column(cohort, tmp_path):
     csv = tmp_path / "cohort.csv"
     csv.write_text(f"path,slide_id,mpp\n{cohort / 'no_mpp.svs'},case-1,0.25\n{cohort / 'good_b.tiff'},case-2,\n")
     jobs = collect_slides([csv], slide_mpp=None)
-    assert [(j.name, j.mpp) for j in jobs] == [("case-1", 0.25), ("case-2", None)]
+    assert [(j.name, j.slide_mpp) for j in jobs] == [("case-1", 0.25), ("case-2", None)]
     result = tile_slides([csv], out_dir=tmp_path / "out", executor=LocalExecutor(workers=0), progress=False)
     assert result.ok
     assert read_patches(tmp_path / "out" / "patches" / "case-1_patches.h5")[1]["level0_mpp"] == 0.25

@@ -20,9 +20,14 @@ from histoscope.io.atomic import remove_stale_partials, write_json
 from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob
 
-__all__ = ["BatchResult", "RunReport", "run_batch", "REPORT_NAME", "progress_bar"]
+__all__ = ["BatchResult", "RunReport", "run_batch", "report_path", "REPORT_NAME", "progress_bar"]
 
 REPORT_NAME = "run_report.json"
+
+
+def report_path(out_dir: str | Path) -> Path:
+    """``OUT/run_report.json``: the record of every slide a stage has run on in ``out_dir``."""
+    return Path(out_dir) / REPORT_NAME
 
 
 @dataclass
@@ -66,7 +71,7 @@ class RunReport:
     """
 
     def __init__(self, out_dir: str | Path, stage: str):
-        self.path = Path(out_dir) / REPORT_NAME
+        self.path = report_path(out_dir)
         self.stage = stage
         self.records: dict[str, dict[str, Any]] = {}
         if self.path.exists():

@@ -12,7 +12,6 @@ Notation: B bags per batch, N tiles, D feature dim, C outputs, n slides.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,22 +23,18 @@ import torch
 
 from histoscope.eval.metrics import LOWER_IS_BETTER
 from histoscope.slide import SlideModel
+from histoscope.slide.bags import collate_bags
 from histoscope.train.checkpoint import load_state, save_state
-from histoscope.train.data import BagDataset, Sample, collate_bags, epoch_order
+from histoscope.train.data import BagDataset, Sample, epoch_order
 from histoscope.train.tasks import Task
+from histoscope.utils.device import autocast
 
-__all__ = ["EarlyStopping", "FitResult", "fit", "predict_bags", "autocast", "warmup_cosine", "derived_seed"]
+__all__ = ["EarlyStopping", "FitResult", "fit", "predict_bags", "warmup_cosine", "derived_seed"]
 
 
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from several integers (e.g. seed, fold, epoch)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def warmup_cosine(*, total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:

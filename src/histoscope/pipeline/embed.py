@@ -22,14 +22,15 @@ import torch
 
 from histoscope.encoders.preprocess import preprocess_tiles
 from histoscope.io.atomic import remove_stale_partials
-from histoscope.io.features_h5 import FeaturesWriter, features_path
+from histoscope.io.errors import SlideError
+from histoscope.io.features_h5 import FeaturesWriter, features_folder, features_path
 from histoscope.pipeline.batch import BatchResult, RunReport
 from histoscope.pipeline.inputs import SlideJob, collect_slides
+from histoscope.tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPP, DEFAULT_SIZE, TileGeometry, find_patches, read_patches
 from histoscope.tiling.dataset import TileSource, tile_loader
-from histoscope.tiling.patches_h5 import patches_path, read_patches
 from histoscope.utils.device import resolve_device, resolve_dtype
 
-__all__ = ["EmbedParams", "embed_slide", "embed_slides", "features_done", "prepare_encoder"]
+__all__ = ["EmbedParams", "embed_slide", "embed_slides", "encoder_tiling", "features_done", "prepare_encoder"]
 
 
 @dataclass(frozen=True)
@@ -139,142 +140,161 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
 
     Examples
     --------
-    >>> from histoscope.encoders.extract import EmbedParams, embed_slides      # doctest: +SKIP
+    >>> from histoscope.pipeline.embed import EmbedParams, embed_slides      # doctest: +SKIP
     >>> embed_slides(["slides/"], out_dir="out", params=EmbedParams(encoder="uni", weights="uni.bin"))  # doctest: +SKIP
     """
     params = params or EmbedParams()
     out_dir = Path(out_dir)
     jobs = collect_slides(list(slides), slide_mpp=slide_mpp)
     workers = _DeviceWorkers(params)  # first: a bad checkpoint fails before anything is written
-    feature_dir = out_dir / f"features_{params.folder_name}"
-    feature_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(feature_dir)
-    report = RunReport(feature_dir, "embed")
-    encoder = workers.encoder
-    checksum = encoder.weights_sha256
-
-    sources: list[TileSource] = []
-    pending: list[tuple[SlideJob, dict[str, Any], np.ndarray]] = []
-    for job in jobs:
-        try:
-            coords, attrs = read_patches(_find_patches(out_dir, job.name))
-        except (OSError, KeyError) as error:
-            report.update(job, {"status": "failed", "error": f"no tile coordinates for {job.path} "
-                                f"({type(error).__name__}: {error}); run `histoscope tile` on it first"})
-            continue
-        path = features_path(out_dir, params.folder_name, job.name)
-        if features_done(path, encoder=params.encoder, weights_sha256=checksum, num_tiles=len(coords)):
-            report.skipped(job)
-            continue
-        pending.append((job, attrs, coords))
-
-    writers: dict[int, FeaturesWriter] = {}
-    started: dict[int, float] = {}
-    failed: set[int] = set()
-    for index, (job, attrs, coords) in enumerate(pending):
-        sources.append(TileSource(str(job.path), coords, int(attrs["patch_size"]), _target_mpp(attrs, job), job.mpp))
-        coords_attrs = {k: v for k, v in attrs.items() if k != "tissue_fraction"}
-        writer = FeaturesWriter(
-            feature_dir / f"{job.name}.h5", num_tiles=len(coords), dim=encoder.embed_dim,
-            coords=coords, coords_attrs=coords_attrs,
-            features_attrs={"name": job.name, "encoder": params.encoder, "savetodir": str(feature_dir),
-                            "weights_sha256": checksum, "weights_path": str(encoder.weights_path or ""),
-                            "dtype": str(workers.dtype).replace("torch.", ""), "embed_dim": encoder.embed_dim},
-        )
-        writers[index] = writer
-        started[index] = time.perf_counter()
-
-    def finish(index: int, record: dict[str, Any]) -> None:
-        job = pending[index][0]
-        record["seconds"] = round(time.perf_counter() - started[index], 3)
-        report.update(job, record)
-
-    # Empty slides are done at once; the rest stream.
-    for index, writer in list(writers.items()):
-        if writer.complete:
-            writer.close()
-            del writers[index]
-            finish(index, {"status": "ok", "tiles": 0})
-
-    total_tiles = sum(len(pending[i][2]) for i in writers)
-    bar = _TileProgress(total_tiles) if progress and total_tiles else None
-    # Preprocessing runs in the decoding workers; a partial of a module-level function
-    # pickles cheaply (the encoder itself never leaves this process).
-    transform = functools.partial(preprocess_tiles, preprocess=encoder.spec.preprocess)
-    # Slides already finished above have no tiles, so they yield no chunks.
-    loader = tile_loader(sources, chunk_size=params.batch_size, num_workers=params.workers, transform=transform)
-    in_flight = 0
+    folder = features_folder(out_dir, params.folder_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(folder)
+    report = RunReport(folder, "embed")
+    run = _EmbedRun(report, workers, folder=folder, params=params)
     try:
-        for item in loader:
-            index = item["source"]
-            if index in failed:
-                continue
-            if "error" in item:
-                failed.add(index)
-                writers.pop(index).abort()
-                finish(index, {"status": "failed", "error": item["error"]})
-                continue
-            workers.submit((index, item["index"].numpy()), item["tiles"])
-            in_flight += 1
-            in_flight -= _drain(workers, writers, failed, finish, bar, block=False)
-        while in_flight:
-            in_flight -= _drain(workers, writers, failed, finish, bar, block=True)
+        for job in jobs:
+            run.add(job, out_dir)
+        run.stream(progress=progress)
     finally:
-        workers.close()
-        for writer in writers.values():
-            writer.abort()
-        if bar is not None:
-            bar.close()
+        run.close()
     return BatchResult({job.name: report.records[job.name] for job in jobs if job.name in report.records})
 
 
-def _find_patches(out_dir: Path, name: str) -> Path:
-    """``patches/<slide>_patches.h5`` (histoscope, TRIDENT), else CLAM's ``patches/<slide>.h5``."""
-    path = patches_path(out_dir, name)
-    clam = out_dir / "patches" / f"{name}.h5"
-    return clam if not path.exists() and clam.exists() else path
+def encoder_tiling(spec, *, mpp: float | None = None, size: int | None = None) -> tuple[float, int]:
+    """``(mpp, size)`` for tiles fed to an encoder: the ones given, else its training geometry
+    (e.g. 256 px at 0.5 µm/px for UNI, 224 for Virchow), else the defaults."""
+    return mpp or spec.native_mpp or DEFAULT_MPP, size or spec.native_tile or DEFAULT_SIZE
 
 
-def _target_mpp(attrs: dict[str, Any], job: SlideJob) -> float:
-    """Tile resolution of a patches file: ours stores it; TRIDENT/CLAM files give it
-    through the level-0 patch size."""
-    if "target_mpp" in attrs:
-        return float(attrs["target_mpp"])
-    from histoscope.io import open_slide
+def _slide_geometry(job: SlideJob, attrs: dict[str, Any]) -> TileGeometry:
+    """The patches file's tile geometry; TRIDENT's and CLAM's files need the slide's mpp for it."""
+    geometry = TileGeometry.from_attrs(attrs)
+    if geometry.mpp is None:
+        from histoscope.io import open_slide
 
-    patch_size = float(attrs["patch_size"])
-    if "patch_size_level0" in attrs:
-        size0 = float(attrs["patch_size_level0"])
-    else:  # CLAM: patch_size px at `patch_level`, whose downsample is stored
-        size0 = patch_size * float(np.ravel(attrs.get("downsample", [1.0]))[0])
-    with open_slide(job.path, mpp=job.mpp) as slide:
-        return slide.mpp * size0 / patch_size
+        with open_slide(job.path, slide_mpp=job.slide_mpp) as slide:
+            geometry = TileGeometry.from_attrs(attrs, level0_mpp=slide.mpp)
+    return geometry
 
 
-def _drain(workers: _DeviceWorkers, writers, failed, finish, bar, *, block: bool) -> int:
-    """Write finished batches to their slides' files; returns how many were taken."""
-    taken = 0
-    while True:
+class _EmbedRun:
+    """The slides of one ``embed_slides`` call: their features files filling up as
+    batches come back from the devices, each renamed into place when complete."""
+
+    def __init__(self, report: RunReport, workers: _DeviceWorkers, *, folder: Path, params: EmbedParams):
+        self.report = report
+        self.workers = workers
+        self.folder = folder
+        self.params = params
+        self.jobs: list[SlideJob] = []
+        self.sources: list[TileSource] = []
+        self.writers: dict[int, FeaturesWriter] = {}
+        self.started: dict[int, float] = {}
+        self.failed: set[int] = set()
+        self.bar: _TileProgress | None = None
+
+    def add(self, job: SlideJob, out_dir: Path) -> None:
+        """Queue a slide unless it is already embedded; a slide without tiles is done at once."""
         try:
-            (index, rows), values, error = workers.results.get(block=block and taken == 0)
-        except queue.Empty:
-            return taken
-        taken += 1
-        if index in failed:
-            continue
-        if error is not None:
-            failed.add(index)
-            writers.pop(index).abort()
-            finish(index, {"status": "failed", "error": f"{type(error).__name__}: {error}"})
-            continue
-        writer = writers[index]
-        writer.write(rows, values)
-        if bar is not None:
-            bar.advance(len(rows))
-        if writer.complete:
-            writer.close()
-            del writers[index]
-            finish(index, {"status": "ok", "tiles": writer.num_tiles})
+            coords, attrs = read_patches(find_patches(out_dir, job.name))
+        except (OSError, KeyError) as error:
+            self.report.update(job, {"status": "failed", "error": f"no tile coordinates for {job.path} "
+                                     f"({type(error).__name__}: {error}); run `histoscope tile` on it first"})
+            return
+        try:
+            geometry = _slide_geometry(job, attrs)
+        except (ValueError, SlideError) as error:
+            self.report.update(job, {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+            return
+        path = features_path(self.folder, job.name)
+        encoder = self.workers.encoder
+        if features_done(path, encoder=self.params.encoder, weights_sha256=encoder.weights_sha256,
+                         num_tiles=len(coords)):
+            self.report.skipped(job)
+            return
+        index = len(self.jobs)
+        self.jobs.append(job)
+        self.sources.append(TileSource(str(job.path), coords, size=geometry.size, mpp=geometry.mpp,
+                                       slide_mpp=job.slide_mpp))
+        self.started[index] = time.perf_counter()
+        self.writers[index] = FeaturesWriter(
+            path, num_tiles=len(coords), dim=encoder.embed_dim, coords=coords,
+            coords_attrs={k: v for k, v in attrs.items() if k != "tissue_fraction"},
+            features_attrs={"name": job.name, "encoder": self.params.encoder, "savetodir": str(self.folder),
+                            "weights_sha256": encoder.weights_sha256,
+                            "weights_path": str(encoder.weights_path or ""),
+                            "dtype": str(self.workers.dtype).replace("torch.", ""), "embed_dim": encoder.embed_dim},
+        )
+        if self.writers[index].complete:  # no tiles
+            self._finish(index)
+
+    def stream(self, *, progress: bool) -> None:
+        """Decode every queued tile in the loader's workers and embed it on the devices."""
+        total = sum(len(self.sources[i].coords) for i in self.writers)
+        self.bar = _TileProgress(total) if progress and total else None
+        # Preprocessing runs in the decoding workers; a partial of a module-level function
+        # pickles cheaply (the encoder itself never leaves this process).
+        transform = functools.partial(preprocess_tiles, preprocess=self.workers.encoder.spec.preprocess)
+        # Slides already finished have no tiles, so they yield no chunks.
+        loader = tile_loader(self.sources, chunk_size=self.params.batch_size, num_workers=self.params.workers,
+                             transform=transform)
+        in_flight = 0
+        for item in loader:
+            index = item["source"]
+            if index in self.failed:
+                continue
+            if "error" in item:
+                self._fail(index, item["error"])
+                continue
+            self.workers.submit((index, item["index"].numpy()), item["tiles"])
+            in_flight += 1
+            in_flight -= self._drain(block=False)
+        while in_flight:
+            in_flight -= self._drain(block=True)
+
+    def close(self) -> None:
+        """Stop the device threads; drop the temporary files of slides left unfinished."""
+        self.workers.close()
+        for writer in self.writers.values():
+            writer.abort()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _drain(self, *, block: bool) -> int:
+        """Write finished batches to their slides' files; returns how many were taken."""
+        taken = 0
+        while True:
+            try:
+                (index, rows), values, error = self.workers.results.get(block=block and taken == 0)
+            except queue.Empty:
+                return taken
+            taken += 1
+            if index in self.failed:
+                continue
+            if error is not None:
+                self._fail(index, f"{type(error).__name__}: {error}")
+                continue
+            writer = self.writers[index]
+            writer.write(rows, values)
+            if self.bar is not None:
+                self.bar.advance(len(rows))
+            if writer.complete:
+                self._finish(index)
+
+    def _finish(self, index: int) -> None:
+        writer = self.writers.pop(index)
+        writer.close()
+        self._record(index, {"status": "ok", "tiles": writer.num_tiles})
+
+    def _fail(self, index: int, error: str) -> None:
+        self.failed.add(index)
+        self.writers.pop(index).abort()
+        self._record(index, {"status": "failed", "error": error})
+
+    def _record(self, index: int, record: dict[str, Any]) -> None:
+        record["seconds"] = round(time.perf_counter() - self.started[index], 3)
+        self.report.update(self.jobs[index], record)
 
 
 class _TileProgress:
@@ -299,7 +319,7 @@ class _TileProgress:
 
 
 def embed_slide(slide, encoder, *, mpp: float | None = None, size: int | None = None, batch_size: int = 64,
-                min_tissue: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+                min_tissue: float = DEFAULT_MIN_TISSUE) -> tuple[np.ndarray, np.ndarray]:
     """Embed one slide in memory: segment tissue, tile at ``mpp``, encode every tile.
 
     For notebooks and small jobs; batch jobs should use :func:`embed_slides`, which
@@ -309,10 +329,8 @@ def embed_slide(slide, encoder, *, mpp: float | None = None, size: int | None = 
     ----------
     slide : Slide or path
     encoder : TileEncoder
-    mpp : float, optional
-        Tile resolution; default the encoder's native resolution (else 0.5 µm/px).
-    size : int, optional
-        Tile edge in px; default the encoder's native tile.
+    mpp, size : float, int, optional
+        Tile resolution and edge in px; default the encoder's own (see :func:`encoder_tiling`).
 
     Returns
     -------
@@ -331,8 +349,7 @@ def embed_slide(slide, encoder, *, mpp: float | None = None, size: int | None = 
     if not isinstance(slide, Slide):
         with open_slide(slide) as opened:
             return embed_slide(opened, encoder, mpp=mpp, size=size, batch_size=batch_size, min_tissue=min_tissue)
-    mpp = mpp or encoder.spec.native_mpp or 0.5
-    size = size or encoder.spec.native_tile
+    mpp, size = encoder_tiling(encoder.spec, mpp=mpp, size=size)
     grid = tile_grid(slide, segment_tissue(slide), size=size, mpp=mpp, min_tissue=min_tissue)
     device = next(encoder.parameters()).device
     dtype = next(encoder.parameters()).dtype
