@@ -232,7 +232,7 @@ class _EmbedRun:
     def stream(self, *, progress: bool) -> None:
         """Decode every queued tile in the loader's workers and embed it on the devices."""
         total = sum(len(self.sources[i].coords) for i in self.writers)
-        self.bar = _TileProgress(total) if progress and total else None
+        self.bar = _TileProgress(total, len(self.writers)) if progress and total else None
         # Preprocessing runs in the decoding workers; a partial of a module-level function
         # pickles cheaply (the encoder itself never leaves this process).
         transform = functools.partial(preprocess_tiles, preprocess=self.workers.encoder.spec.preprocess)
@@ -295,27 +295,43 @@ class _EmbedRun:
     def _record(self, index: int, record: dict[str, Any]) -> None:
         record["seconds"] = round(time.perf_counter() - self.started[index], 3)
         self.report.update(self.jobs[index], record)
+        if self.bar is not None:
+            self.bar.slide_done(self.jobs[index].name, record["status"])
 
 
 class _TileProgress:
-    def __init__(self, total: int):
+    """Tiles per second and ETA on a terminal; one line per finished slide otherwise."""
+
+    def __init__(self, total: int, slides: int):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.start = time.perf_counter()
         self.done = 0
-        self.progress = Progress(TextColumn("[bold]embed[/]"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True))
-        self.task = self.progress.add_task("embed", total=total, rate="")
-        self.progress.start()
+        self.slides, self.finished = slides, 0
+        self.console = Console(stderr=True)
+        self.progress = None
+        if self.console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]embed[/]"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("embed", total=total, rate="")
+            self.progress.start()
 
     def advance(self, n: int) -> None:
         self.done += n
-        rate = self.done / max(1e-9, time.perf_counter() - self.start)
-        self.progress.update(self.task, advance=n, rate=f"{rate:.1f} tiles/s")
+        if self.progress is not None:
+            rate = self.done / max(1e-9, time.perf_counter() - self.start)
+            self.progress.update(self.task, advance=n, rate=f"{rate:.1f} tiles/s")
+
+    def slide_done(self, name: str, status: str) -> None:
+        self.finished += 1
+        if self.progress is None:
+            self.console.print(f"embed {self.finished}/{self.slides} {name}: {status}", highlight=False, markup=False,
+                               soft_wrap=True)
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def embed_slide(slide, encoder, *, mpp: float | None = None, size: int | None = None, batch_size: int = 64,

@@ -85,8 +85,8 @@ class SurvivalOutputs(Outputs):
 
     kind = "survival"
 
-    def __init__(self, *, loss: str = "cox", bins: int = 4, cuts: list[float] | None = None,
-                 risk_center: float = 0.0, risk_scale: float = 1.0):
+    def __init__(self, *, loss: str, bins: int, cuts: list[float] | None = None, risk_center: float = 0.0,
+                 risk_scale: float = 1.0):
         self.loss = loss
         self.bins = bins
         self.cuts = np.asarray(cuts if cuts is not None else [], dtype=np.float64)

@@ -3,6 +3,9 @@
 ``load_slide_model(name, in_dim=..., num_outputs=..., weights=..., **arch)`` builds
 the registered default architecture, lets ``**arch`` override any builder keyword
 (so tiny variants go through the same path), and loads weights strictly.
+
+The registry and the built-in entries (:mod:`histoscope.slide.models`) import no
+torch: listing models is instant, and a builder imports its model when called.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from histoscope.slide.base import SlideModel
+    from histoscope.slide.base import SlideModel
 
 __all__ = ["SlideModelSpec", "register_slide_model", "list_slide_models", "get_slide_model_spec",
            "load_slide_model", "read_checkpoint", "SlideWeightsError"]
@@ -106,6 +110,8 @@ def load_slide_model(name: str, *, in_dim: int, num_outputs: int = 0, weights: s
 def read_checkpoint(path: str | Path) -> Any:
     """``torch.load`` a checkpoint safely (tensors and plain containers only), with
     errors that name the file."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")

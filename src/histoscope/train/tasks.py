@@ -81,7 +81,7 @@ def _sort_labels(labels) -> list[str]:
 class ClassificationTask(Task):
     kind = "classification"
 
-    def __init__(self, class_names: list[str], *, class_weighting: bool = False):
+    def __init__(self, class_names: list[str], *, class_weighting: bool):
         self.outputs = ClassOutputs(class_names)
         self.class_names = self.outputs.class_names
         self.index = self.outputs.index
@@ -151,7 +151,7 @@ class SurvivalTask(Task):
     kind = "survival"
     calibrates = True
 
-    def __init__(self, *, loss: str = "cox", bins: int = 4):
+    def __init__(self, *, loss: str, bins: int):
         self.outputs = SurvivalOutputs(loss=loss, bins=bins)
 
     def strata(self, samples):
