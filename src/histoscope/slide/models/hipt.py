@@ -178,7 +178,8 @@ class HIPT(SlideModel):
     num_outputs : int
         C; > 0 adds the ``classifier``.
     tile_size : float
-        Level-0 px per tile (grid step of the coords).
+        Level-0 px per tile (grid step of the coords): the features' tile geometry
+        ``size_level0`` (``histoscope train`` sets it from the features file).
     region_tiles : int
         G, tiles per region edge (4096 / 256).
     embed_dim, local_depth, local_heads : int

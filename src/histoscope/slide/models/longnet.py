@@ -179,7 +179,8 @@ class LongNetSlideEncoder(SlideModel):
     segment_lengths, dilation_ratios : sequence of int
         The dilated-attention branches.
     tile_size : float
-        Level-0 pixels per grid step (the features' ``patch_size_level0``).
+        Level-0 pixels per grid step: the features' tile geometry ``size_level0``
+        (``patch_size_level0``; ``histoscope train`` sets it from the features file).
     slide_ngrids : int
         Width of the official position table (only its wrap-around depends on it).
     global_pool : bool
