@@ -14,10 +14,11 @@ Tile throughput on a --size square Aperio-style slide:
 
 One slide, three files: the same pixels (--files-size, 0.25 µm/px, levels at downsample 1
 and 4) written as an SVS with a thumbnail page, an SVS without one (level 1 follows level 0
-directly) and a generic pyramidal TIFF. Per file, best of 5 with a fresh open each time:
-tissue segmentation + tile coordinates, and the whole `tile` stage of one slide
-(segmentation, mask/GeoJSON/thumbnail outputs, coordinates, patches file), each as a ratio
-against OpenSlide's get_thumbnail at the segmentation size (8 µm/px) on the same file.
+directly) and a generic pyramidal TIFF. Per file, opening the file each time: tissue
+segmentation + tile coordinates, and the whole `tile` stage of one slide (segmentation,
+mask/GeoJSON/thumbnail outputs, coordinates, patches file), in CPU seconds (what an idle
+core takes), each as a ratio against OpenSlide's get_thumbnail at the segmentation size
+(8 µm/px) on the same file.
 
 Then tissue segmentation + tile coordinates on a --seg-size square slide.
 """
@@ -31,20 +32,27 @@ from pathlib import Path
 import numpy as np
 
 
-def _best(fn, runs: int = 5) -> float:
-    """Fastest of ``runs`` calls after a warm-up, in seconds: the figure least disturbed
-    by other processes on a shared machine."""
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _cpu_seconds(calls: dict, runs: int) -> dict:
+    """Fewest CPU seconds of this process each call took over ``runs`` rounds.
+
+    Every call runs on one thread here, so its CPU time is what it takes on an idle
+    core, while wall time on a shared machine depends on who else is running. The
+    calls take turns (round-robin after one warm-up round), so a busy spell slows all
+    of them alike.
+    """
+    best = {}
+    for round_ in range(runs + 1):
+        for key, fn in calls.items():
+            start = time.process_time()
+            fn()
+            if round_:
+                best[key] = min(best.get(key, float("inf")), time.process_time() - start)
+    return best
 
 
 def _same_pixels_three_files(args) -> None:
     """Tissue + coordinates and the whole `tile` per file, against OpenSlide's get_thumbnail."""
+    import os
     import tempfile
 
     import openslide
@@ -62,7 +70,7 @@ def _same_pixels_three_files(args) -> None:
         "SVS, no thumbnail page (label + macro)": ("svs", ("label", "macro")),
         "generic pyramidal TIFF": ("tiff", ()),
     }
-    rows = []
+    calls, levels = {}, {}
     for name, (kind, associated) in files.items():
         stem = f"same_{width}x{height}_{kind}_{'-'.join(associated) or 'bare'}"
         path = args.cache / f"{stem}.{kind}"
@@ -70,34 +78,36 @@ def _same_pixels_three_files(args) -> None:
             print(f"generating {path} ...", flush=True)
             make_sample_slide(path, width=width, height=height, mpp=mpp, kind=kind, downsamples=(1, 4),
                               associated=associated, quality=80, seed=3)
-
-        def tissue_and_coords(path=path):
-            with open_slide(path) as slide:
-                return tile_grid(slide, segment_tissue(slide, seg_mpp=seg_mpp), size=256, mpp=0.5)
-
-        def whole_tile(path=path):
-            with tempfile.TemporaryDirectory() as out:  # a fresh folder: nothing to resume
-                assert tile_slides([path], out_dir=out, workers=0, progress=False).ok
+        with open_slide(path) as slide:
+            levels[name] = " + ".join(f"{l.width}x{l.height}" for l in slide.levels)
 
         def openslide_thumbnail(path=path):
             with openslide.OpenSlide(str(path)) as handle:
                 w, h = handle.dimensions
                 handle.get_thumbnail((round(w * mpp / seg_mpp), round(h * mpp / seg_mpp)))
 
-        with open_slide(path) as slide:
-            levels = " + ".join(f"{l.width}x{l.height}" for l in slide.levels)
-        baseline = _best(openslide_thumbnail)
-        ours = _best(tissue_and_coords)
-        tile = _best(whole_tile)
-        rows.append((name, levels, baseline, ours, tile))
+        def tissue_and_coords(path=path):
+            with open_slide(path) as slide:
+                tile_grid(slide, segment_tissue(slide, seg_mpp=seg_mpp), size=256, mpp=0.5)
+
+        def whole_tile(path=path):
+            with tempfile.TemporaryDirectory() as out:  # a fresh folder: nothing to resume
+                assert tile_slides([path], out_dir=out, workers=0, progress=False).ok
+
+        calls.update({(name, "openslide"): openslide_thumbnail, (name, "tissue"): tissue_and_coords,
+                      (name, "tile"): whole_tile})
+    load = os.getloadavg()[0]
+    best = _cpu_seconds(calls, runs=args.runs)
 
     print(f"\none slide, three files: {width} x {height} px at {mpp} µm/px, levels at downsample 1 and 4, "
-          f"segmented at {seg_mpp} µm/px; best of 5, 1 process\n")
+          f"segmented at {seg_mpp} µm/px; CPU seconds, fewest of {args.runs}, 1 process "
+          f"(load average {load:.1f} -> {os.getloadavg()[0]:.1f})\n")
     print("| file | levels histoscope reads | OpenSlide get_thumbnail (s) | tissue + coordinates (s) | "
           "ratio | whole `tile` (s) | ratio |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, levels, baseline, ours, tile in rows:
-        print(f"| {name} | {levels} | {baseline:.3f} | {ours:.3f} | {ours / baseline:.2f} x | "
+    for name in files:
+        baseline, ours, tile = (best[name, key] for key in ("openslide", "tissue", "tile"))
+        print(f"| {name} | {levels[name]} | {baseline:.3f} | {ours:.3f} | {ours / baseline:.2f} x | "
               f"{tile:.3f} | {tile / baseline:.2f} x |")
 
 
@@ -125,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=16384, help="edge of the throughput slide (px)")
     parser.add_argument("--files-size", default="24576x16384", help="WxH of the slide written as three files")
+    parser.add_argument("--runs", type=int, default=7, help="timed rounds of the three-files table")
     parser.add_argument("--seg-size", type=int, default=40960, help="edge of the segmentation slide (px)")
     parser.add_argument("--tiles", type=int, default=512, help="tiles per timed pass")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / ".cache")
