@@ -26,10 +26,10 @@ _JPEG = 7
 _DIRECT_CODECS = {_JPEG}
 # Compressions decoded through tifffile's own codec table (still one pread per tile).
 _TIFFFILE_CODECS = {1, 5, 8, 32946, 33005, 34712, 50000, 50001}
-# Vendor TIFF dialects with layouts OpenSlide knows and the fast path does not.
 # NewSubfileType of Aperio's stripped pages (OpenSlide 4.0.1 names them by this tag,
 # as the GT 450 writes no ImageDescription on them).
 _APERIO_SUBFILE_NAMES = {1: "label", 9: "macro"}
+# Vendor TIFF dialects with layouts OpenSlide knows and the fast path does not.
 _VENDOR_FLAGS = ("is_ndpi", "is_philips", "is_scn", "is_bif", "is_qpi", "is_mmstack", "is_lsm", "is_stk")
 
 
@@ -63,10 +63,11 @@ def _pyramid_pages(tif) -> list:
     """Tiled pages forming the pyramid, finest first.
 
     OME-TIFF keeps its reduced levels in SubIFDs, read through tifffile's OME series.
-    Otherwise levels are decided by geometry, as OpenSlide's drivers do: every tiled
-    top-level page with level 0's samples and aspect ratio. (tifffile's SVS series
-    names page 1 the thumbnail even when it is a tiled level, as in Aperio files
-    written without a thumbnail page, so it is not used.)
+    Otherwise levels are decided by geometry: every tiled top-level page with level
+    0's samples and aspect ratio, which in Aperio and generic pyramids are the pages
+    OpenSlide takes as levels. (tifffile's SVS series names page 1 the thumbnail even
+    when it is a tiled level, as in Aperio files written without a thumbnail page,
+    so it is not used.)
     """
     if tif.is_ome:
         return [level.keyframe for level in tif.series[0].levels]
