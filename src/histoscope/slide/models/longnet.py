@@ -318,7 +318,7 @@ _PAPER = "Xu et al., A whole-slide foundation model for digital pathology from r
               "segment_lengths": list(PUBLISHED_SEGMENT_LENGTHS), "dilation_ratios": list(PUBLISHED_DILATION_RATIOS),
               "tile_size": 256, "global_pool": True, "dropout": 0.25, "drop_path_rate": 0.1},
     tiny={"embed_dim": 32, "depth": 2, "num_heads": 4, "segment_lengths": [8, 16], "dilation_ratios": [1, 2]},
-    convert_checkpoint=gigapath_state_dict, paper=_PAPER)
+    head=("head",), convert_checkpoint=gigapath_state_dict, paper=_PAPER)
 def gigapath_slide(*, in_dim: int = 1536, num_outputs: int = 0, **kwargs: Any) -> LongNetSlideEncoder:
     """``gigapath_slide_enc12l768d``; ``kwargs`` as :class:`LongNetSlideEncoder`."""
     return LongNetSlideEncoder(in_dim=in_dim, num_outputs=num_outputs, **kwargs)
