@@ -18,14 +18,7 @@ from histoscope.train.synthetic import make_mil_cohort
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gigapath_finetune.yaml"
 DIM = 32
 HEAD = get_slide_model_spec("gigapath_slide").is_head
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,7 @@ def fit(
             scaler.update()
             scheduler.step()
 
-        record = {"epoch": epoch, "train_loss": running / len(positions), "lr": optimizer.param_groups[0]["lr"]}
+        record = {"epoch": epoch, "train_loss": running / len(positions), "lr": max(g["lr"] for g in optimizer.param_groups)}
         if val_samples:
             val = _validate(model, task, dataset, val_indices, val_samples, val_targets,
                             batch_size=config.batch_size, device=device, dtype=dtype)
