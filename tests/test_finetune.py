@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from histoscope.slide import get_slide_model_spec, load_slide_model
+from histoscope.slide import SlideWeightsError, get_slide_model_spec, load_slide_model
 from histoscope.train import ConfigError, load_recipe, load_trained_model, train
 from histoscope.train.synthetic import make_mil_cohort
 
@@ -132,5 +132,5 @@ def test_finetune_settings_are_checked(cohort, published, tmp_path):
         train(_recipe(cohort, published, tmp_path / "abmil", "model=abmil", "model_args={}", "init_weights=null",
                       "new_head=false"))
     # without new_head the missing head is an error that says what to do
-    with pytest.raises(Exception, match="pass new_head=True"):
+    with pytest.raises(SlideWeightsError, match=r"Only the task head \(head\) differs.*pass new_head=True"):
         train(_recipe(cohort, published, tmp_path / "strict", "new_head=false"))
