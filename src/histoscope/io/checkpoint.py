@@ -80,6 +80,9 @@ def read_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = No
         that cannot be loaded safely, or is of another kind.
     """
     path = Path(path)
+    accepted = (kind,) if isinstance(kind, str) else tuple(kind or ())
+    if any(k not in KINDS for k in accepted):
+        raise ValueError(f"unknown checkpoint kind in {accepted}; use {sorted(KINDS)}")
     if path.is_dir():
         raise CheckpointError(path, "is a folder, not a checkpoint file; pass the .pt/.pth/.safetensors file in it")
     if not path.is_file():
@@ -96,8 +99,8 @@ def read_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = No
         raise CheckpointError(path, f"not a checkpoint: it starts with {_preview(head)}, where a torch.save file "
                                     "starts with a zip or pickle header and a .safetensors file with its header "
                                     "size; pass the .pt/.pth/.bin/.safetensors file")
-    if kind is not None:
-        _check_kind(path, obj, (kind,) if isinstance(kind, str) else tuple(kind))
+    if accepted:
+        _check_kind(path, obj, accepted)
     return obj
 
 
@@ -138,9 +141,6 @@ def _check_kind(path: Path, obj: Any, accepted: tuple[str, ...]) -> None:
     found = checkpoint_kind(obj)
     if found in accepted:
         return
-    unknown = [k for k in accepted if k not in KINDS]
-    if unknown:
-        raise ValueError(f"unknown checkpoint kinds {unknown}; use {sorted(KINDS)}")
     holds = KINDS[found]
     if found == "trained":
         holds = f"a {obj['histoscope_model']!r} model trained by histoscope train"
