@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
+from typer.testing import CliRunner
 
+from histoscope.cli.slide_cmds import register
 from histoscope.slide import SlideWeightsError, get_slide_model_spec, load_slide_model
 from histoscope.train import ConfigError, load_recipe, load_trained_model, train
 from histoscope.train.synthetic import make_mil_cohort
@@ -134,3 +137,20 @@ def test_finetune_settings_are_checked(cohort, published, tmp_path):
     # without new_head the missing head is an error that says what to do
     with pytest.raises(SlideWeightsError, match=r"Only the task head \(head\) differs.*pass new_head=True"):
         train(_recipe(cohort, published, tmp_path / "strict", "new_head=false"))
+
+
+@pytest.mark.parametrize("problem", ["head", "truncated"])
+def test_cli_train_with_an_unfit_init_checkpoint_fails_in_one_line(problem, cohort, published, tmp_path):
+    init = published
+    if problem == "truncated":
+        init = tmp_path / "cut.pth"
+        init.write_bytes(published.read_bytes()[:1000])
+    app = typer.Typer()
+    register(app)
+    args = [f"csv={cohort.csv}", f"features_dir={cohort.features_dir}", f"out_dir={tmp_path / 'run'}",
+            f"init_weights={init}", "tiny=true", "model_args.feat_layers=[1]", "device=cpu", "new_head=false"]
+    result = CliRunner().invoke(app, ["train", str(RECIPE), *args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(init) in errors[0] and "Traceback" not in result.output
+    assert ("pass new_head=True" if problem == "head" else "truncated or damaged") in errors[0]
