@@ -1,10 +1,20 @@
-"""Shared fixtures: small realistic slides written once per test session."""
+"""Shared fixtures: small realistic slides written once per test session, one torch thread for tiny models."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from histoscope.io.sample import make_sample_slide
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on 2 cores: OpenMP hand-offs between threads cost more than the maths."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Trained-model checkpoints (``fold_k/checkpoint.pt``) and resumable training state.
 
 A checkpoint holds plain data only (tensors, numbers, strings, lists, dicts), so it
-loads with ``torch.load(weights_only=True)`` and through the slide-model registry:
+loads with :func:`~histoscope.io.checkpoint.read_checkpoint` and through the slide-model registry:
 ``load_slide_model(name, in_dim=…, num_outputs=…, weights=path, **arch)`` finds
 ``state_dict`` under the ``histoscope_model`` marker.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from histoscope.io.atomic import atomic_path
+from histoscope.io.checkpoint import read_checkpoint
 from histoscope.slide import SlideModel, get_slide_model_spec, load_slide_model
 from histoscope.train.tasks import Task, task_from_meta
 
@@ -61,12 +62,7 @@ class TrainedModel:
 
 def load_trained_model(path: str | Path, *, device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild a model written by ``histoscope train`` (strict weight loading), in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "histoscope_model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by histoscope train (no 'histoscope_model' key)")
+    checkpoint = read_checkpoint(path, kind="trained")
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
     model = load_slide_model(meta["histoscope_model"], in_dim=meta["in_dim"], num_outputs=meta["num_outputs"],
                              weights=path, **meta["arch"])
@@ -83,4 +79,4 @@ def load_state(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path, kind="train_state")

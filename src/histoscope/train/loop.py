@@ -26,6 +26,7 @@ from histoscope.eval.metrics import LOWER_IS_BETTER
 from histoscope.slide import SlideModel
 from histoscope.train.checkpoint import load_state, save_state
 from histoscope.train.data import BagDataset, Sample, collate_bags, epoch_order
+from histoscope.train.optim import param_groups
 from histoscope.train.tasks import Task
 
 __all__ = ["EarlyStopping", "FitResult", "fit", "predict_bags", "autocast", "warmup_cosine", "derived_seed"]
@@ -142,7 +143,8 @@ def fit(
 
     batches_per_epoch = math.ceil(len(train_indices) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.accumulate)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
+                                               layer_decay=config.layer_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         total_steps=config.epochs * steps_per_epoch, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         min_ratio=config.min_lr_ratio))
@@ -194,7 +196,7 @@ def fit(
             scaler.update()
             scheduler.step()
 
-        record = {"epoch": epoch, "train_loss": running / len(positions), "lr": optimizer.param_groups[0]["lr"]}
+        record = {"epoch": epoch, "train_loss": running / len(positions), "lr": max(g["lr"] for g in optimizer.param_groups)}
         if val_samples:
             val = _validate(model, task, dataset, val_indices, val_samples, val_targets,
                             batch_size=config.batch_size, device=device, dtype=dtype)

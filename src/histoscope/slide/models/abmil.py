@@ -129,7 +129,7 @@ _TINY = {"hidden_dim": 32, "attn_dim": 16}
 
 @register_slide_model("abmil", description="Attention MIL, tanh attention (Ilse et al.), CLAM trunk",
                       defaults={"hidden_dim": 512, "attn_dim": 256, "dropout": 0.25}, tiny=_TINY,
-                      convert_checkpoint=_abmil_checkpoint, paper=_PAPER)
+                      head=("classifiers",), convert_checkpoint=_abmil_checkpoint, paper=_PAPER)
 def abmil(*, in_dim: int, num_outputs: int, hidden_dim: int = 512, attn_dim: int = 256, dropout: float = 0.25) -> ABMIL:
     return ABMIL(in_dim=in_dim, num_outputs=num_outputs, hidden_dim=hidden_dim, attn_dim=attn_dim, gated=False,
                  dropout=dropout)
@@ -137,7 +137,7 @@ def abmil(*, in_dim: int, num_outputs: int, hidden_dim: int = 512, attn_dim: int
 
 @register_slide_model("abmil_gated", description="Gated attention MIL (CLAM_SB without instance loss)",
                       defaults={"hidden_dim": 512, "attn_dim": 256, "dropout": 0.25}, tiny=_TINY,
-                      convert_checkpoint=_abmil_checkpoint, paper=_PAPER)
+                      head=("classifiers",), convert_checkpoint=_abmil_checkpoint, paper=_PAPER)
 def abmil_gated(*, in_dim: int, num_outputs: int, hidden_dim: int = 512, attn_dim: int = 256,
                 dropout: float = 0.25) -> ABMIL:
     return ABMIL(in_dim=in_dim, num_outputs=num_outputs, hidden_dim=hidden_dim, attn_dim=attn_dim, gated=True,

@@ -112,6 +112,10 @@ def _size(size: str, hidden_dim: int | None, attn_dim: int | None) -> dict[str, 
 _PAPER = "Lu et al., Data-efficient and weakly supervised computational pathology on whole-slide images, Nat. Biomed. Eng. 2021"
 _DEFAULTS = {"size": "small", "gated": True, "dropout": 0.25, "k_sample": 8, "subtyping": False, "bag_weight": 0.7}
 _TINY = {"hidden_dim": 32, "attn_dim": 16, "k_sample": 4}
+# One attention row per class: the last Linear of the attention net is part of the head
+# (attention_c when gated; module.3, or module.2 without dropout, when not).
+_MB_HEAD = ("classifiers", "instance_classifiers", "attention_net.3.attention_c", "attention_net.3.module.2",
+            "attention_net.3.module.3")
 
 
 def _build(multi_branch: bool, *, in_dim: int, num_outputs: int, size: str = "small", hidden_dim: int | None = None,
@@ -123,14 +127,14 @@ def _build(multi_branch: bool, *, in_dim: int, num_outputs: int, size: str = "sm
 
 
 @register_slide_model("clam_sb", description="CLAM single-branch: gated attention MIL + instance clustering",
-                      defaults=_DEFAULTS, tiny=_TINY, convert_checkpoint=clam_state_dict, paper=_PAPER)
+                      head=("classifiers", "instance_classifiers"), defaults=_DEFAULTS, tiny=_TINY, convert_checkpoint=clam_state_dict, paper=_PAPER)
 def clam_sb(**kwargs) -> CLAM:
     """``size``: "small" (H 512, A 256) or "big" (A 384); ``hidden_dim``/``attn_dim`` override it."""
     return _build(False, **kwargs)
 
 
 @register_slide_model("clam_mb", description="CLAM multi-branch: one attention branch per class + instance clustering",
-                      defaults=_DEFAULTS, tiny=_TINY, convert_checkpoint=clam_state_dict, paper=_PAPER)
+                      head=_MB_HEAD, defaults=_DEFAULTS, tiny=_TINY, convert_checkpoint=clam_state_dict, paper=_PAPER)
 def clam_mb(**kwargs) -> CLAM:
     """As :func:`clam_sb` with one attention branch and one bag classifier per class."""
     return _build(True, **kwargs)

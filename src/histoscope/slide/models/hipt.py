@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 from histoscope.layers.gated_attention import GatedAttentionNet
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask, masked_softmax
-from histoscope.slide.registry import SlideWeightsError, read_checkpoint, register_slide_model
+from histoscope.io.checkpoint import compare_state_dict, read_checkpoint
+from histoscope.slide.registry import SlideWeightsError, register_slide_model
 
 __all__ = ["HIPT", "VisionTransformer4K", "region_grids", "hipt_state_dict", "vit4k_state_dict", "load_vit4k_dino"]
 
@@ -281,13 +282,16 @@ def load_vit4k_dino(model: HIPT | VisionTransformer4K, path: str | Path) -> None
     """Load the published ``vit4k_xs_dino.pth`` into a HIPT model's ``local_vit``
     (or a bare :class:`VisionTransformer4K`), strictly."""
     path = Path(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, kind="weights")
     vit = model.local_vit if isinstance(model, HIPT) else model
-    result = vit.load_state_dict(vit4k_state_dict(checkpoint), strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    state = vit4k_state_dict(checkpoint)
+    missing, unexpected, mismatched = compare_state_dict(vit, state)
+    if missing or unexpected or mismatched:
         raise SlideWeightsError(
-            f"{path} does not fit the region ViT: {len(result.missing_keys)} missing keys {result.missing_keys[:8]}, "
-            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:8]}")
+            f"{path} does not fit the region ViT: {len(missing)} missing keys {missing[:8]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}, {len(mismatched)} shape mismatches "
+            f"{mismatched[:8]}")
+    vit.load_state_dict(state)
 
 
 _PAPER = ("Chen et al., Scaling Vision Transformers to Gigapixel Images via Hierarchical Self-Supervised "
@@ -300,7 +304,7 @@ _PAPER = ("Chen et al., Scaling Vision Transformers to Gigapixel Images via Hier
     defaults={"tile_size": 256, "region_tiles": 16, "embed_dim": 192, "local_depth": 6, "local_heads": 6,
               "global_depth": 2, "global_heads": 3, "dropout": 0.25},
     tiny={"embed_dim": 32, "local_depth": 1, "local_heads": 2, "global_depth": 1, "global_heads": 2},
-    convert_checkpoint=hipt_state_dict, paper=_PAPER)
+    head=("classifier",), convert_checkpoint=hipt_state_dict, paper=_PAPER)
 def hipt(*, in_dim: int = 384, num_outputs: int = 0, **kwargs: Any) -> HIPT:
     """``HIPT_LGP_FC(size_arg="small")``; ``kwargs`` as :class:`HIPT`."""
     return HIPT(in_dim=in_dim, num_outputs=num_outputs, **kwargs)

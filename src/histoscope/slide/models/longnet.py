@@ -239,6 +239,23 @@ class LongNetSlideEncoder(SlideModel):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
+    def layer_ids(self) -> dict[str, int]:
+        """Prov-GigaPath fine-tuning's depths (its ``get_layer_id`` on ``ClassificationHead``
+        names): ``cls_token`` 0, ``encoder.layers.i`` i + 1, everything else depth + 1.
+        Everything else includes ``patch_embed``: the official rule tests for a
+        ``patch_embed`` prefix that the head's ``slide_encoder.patch_embed.*`` names never
+        have, so the published fine-tuning trains the tile projection at the full rate."""
+        top = len(self.encoder.layers) + 1
+        ids = {}
+        for name, _ in self.named_parameters():
+            if name == "cls_token":
+                ids[name] = 0
+            elif name.startswith("encoder.layers."):
+                ids[name] = int(name.split(".")[2]) + 1
+            else:
+                ids[name] = top
+        return ids
+
     def position_embedding(self, coords: Tensor, dtype: torch.dtype) -> Tensor:
         """coords (B, N, 2) level-0 (x, y) → (B, N, E) fixed 2-D sin-cos."""
         gx, gy = grid_indices(coords, self.tile_size, self.slide_ngrids)
@@ -318,7 +335,7 @@ _PAPER = "Xu et al., A whole-slide foundation model for digital pathology from r
               "segment_lengths": list(PUBLISHED_SEGMENT_LENGTHS), "dilation_ratios": list(PUBLISHED_DILATION_RATIOS),
               "tile_size": 256, "global_pool": True, "dropout": 0.25, "drop_path_rate": 0.1},
     tiny={"embed_dim": 32, "depth": 2, "num_heads": 4, "segment_lengths": [8, 16], "dilation_ratios": [1, 2]},
-    convert_checkpoint=gigapath_state_dict, paper=_PAPER)
+    head=("head",), convert_checkpoint=gigapath_state_dict, paper=_PAPER)
 def gigapath_slide(*, in_dim: int = 1536, num_outputs: int = 0, **kwargs: Any) -> LongNetSlideEncoder:
     """``gigapath_slide_enc12l768d``; ``kwargs`` as :class:`LongNetSlideEncoder`."""
     return LongNetSlideEncoder(in_dim=in_dim, num_outputs=num_outputs, **kwargs)

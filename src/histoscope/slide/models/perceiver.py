@@ -85,7 +85,7 @@ def histogpt_resampler_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tenso
     "perceiver", description="HistoGPT's Perceiver resampler, mean of latents + Linear head (stage-1 head: our choice)",
     defaults={"dim": 1536, "depth": 6, "num_latents": 640, "dim_head": 96, "heads": 16, "ff_mult": 4},
     tiny={"dim": 32, "depth": 2, "num_latents": 8, "dim_head": 8, "heads": 4},
-    convert_checkpoint=histogpt_resampler_state_dict,
+    head=("head",), convert_checkpoint=histogpt_resampler_state_dict,
     paper="Tran et al., Generating dermatopathology reports from gigapixel whole slide images with HistoGPT, "
           "Nat. Commun. 2025")
 def perceiver(*, in_dim: int, num_outputs: int, dim: int = 1536, depth: int = 6, num_latents: int = 640,

@@ -51,12 +51,12 @@ class MaxPool(_Pool):
 
 
 @register_slide_model("mean_pool", description="Masked mean of tile embeddings, optional Linear head",
-                      defaults={}, tiny={})
+                      head=("head",), defaults={}, tiny={})
 def mean_pool(*, in_dim: int, num_outputs: int) -> MeanPool:
     return MeanPool(in_dim=in_dim, num_outputs=num_outputs)
 
 
 @register_slide_model("max_pool", description="Masked per-dimension max of tile embeddings, optional Linear head",
-                      defaults={}, tiny={})
+                      head=("head",), defaults={}, tiny={})
 def max_pool(*, in_dim: int, num_outputs: int) -> MaxPool:
     return MaxPool(in_dim=in_dim, num_outputs=num_outputs)

@@ -158,7 +158,7 @@ def _transmil_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
 @register_slide_model(
     "transmil", description="TransMIL: Nyström-attention transformer with PPEG position encoding",
     defaults={"dim": 512, "heads": 8, "pinv_iterations": 6, "dropout": 0.1, "legacy_nystrom_padding": False},
-    tiny={"dim": 32, "heads": 4}, convert_checkpoint=_transmil_checkpoint,
+    tiny={"dim": 32, "heads": 4}, head=("_fc2",), convert_checkpoint=_transmil_checkpoint,
     paper="Shao et al., TransMIL: Transformer based Correlated Multiple Instance Learning, NeurIPS 2021")
 def transmil(*, in_dim: int, num_outputs: int, dim: int = 512, heads: int = 8, num_landmarks: int | None = None,
              pinv_iterations: int = 6, dropout: float = 0.1, legacy_nystrom_padding: bool = False) -> TransMIL:
