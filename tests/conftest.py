@@ -1,4 +1,4 @@
-"""Shared fixtures: small realistic slides written once per test session."""
+"""Shared fixtures: small realistic slides written once per test session, one torch thread for tiny models."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from histoscope.io.sample import make_sample_slide
 
@@ -44,6 +45,15 @@ def histoscope_command(*args: str) -> list[str]:
 def histoscope_cli():
     """``histoscope_cli(*args)``: the command line running the ``histoscope`` CLI in a new process."""
     return histoscope_command
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on 2 cores: OpenMP hand-offs between threads cost more than the maths."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

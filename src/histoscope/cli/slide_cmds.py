@@ -32,6 +32,7 @@ def train(
 
     A rerun into the same folder resumes: finished folds are kept, an interrupted one continues.
     """
+    from histoscope.slide import SlideWeightsError
     from histoscope.train import ConfigError, load_recipe
     from histoscope.train import train as run_training
     from histoscope.train.run import results_path
@@ -46,7 +47,7 @@ def train(
         if device is not None:
             config.device = device
         results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, SlideWeightsError) as error:
         _fail(str(error).strip("'\""))
     pooled = results["pooled"]
     typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")

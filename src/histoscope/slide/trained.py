@@ -2,7 +2,7 @@
 ``histoscope predict`` reads them.
 
 A checkpoint holds plain data only (tensors, numbers, strings, lists, dicts), so it
-loads with ``torch.load(weights_only=True)`` and through the slide-model registry:
+loads with :func:`~histoscope.io.checkpoint.read_checkpoint` and through the slide-model registry:
 ``load_slide_model(name, in_dim=…, num_outputs=…, weights=path, **arch)`` finds
 ``state_dict`` under the ``histoscope_model`` marker. Beside the weights it stores the
 model's name and architecture, its input dim and what its outputs mean
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from histoscope.io.atomic import atomic_path
+from histoscope.io.checkpoint import read_checkpoint
 from histoscope.slide.base import SlideModel
 from histoscope.slide.outputs import Outputs, outputs_from_meta
 from histoscope.slide.registry import load_slide_model
@@ -51,12 +52,7 @@ def save_trained_model(path: str | Path, *, model: SlideModel, model_name: str, 
 
 def load_trained_model(path: str | Path, *, device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild a model written by ``histoscope train`` (strict weight loading), in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "histoscope_model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by histoscope train (no 'histoscope_model' key)")
+    checkpoint = read_checkpoint(path, kind="trained")
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
     model = load_slide_model(meta["histoscope_model"], in_dim=meta["in_dim"], num_outputs=meta["num_outputs"],
                              weights=path, **meta["arch"])

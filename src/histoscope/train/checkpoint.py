@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from histoscope.io.atomic import atomic_path
+from histoscope.io.checkpoint import read_checkpoint
 from histoscope.slide import get_slide_model_spec
 
 __all__ = ["resolved_arch", "save_state", "load_state"]
@@ -43,4 +44,4 @@ def load_state(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path, kind="train_state")

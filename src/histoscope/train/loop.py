@@ -27,6 +27,7 @@ from histoscope.slide import SlideModel
 from histoscope.slide.bags import collate_bags
 from histoscope.train.checkpoint import load_state, save_state
 from histoscope.train.data import BagDataset, Sample, epoch_order
+from histoscope.train.optim import param_groups
 from histoscope.train.tasks import Task
 from histoscope.utils.device import autocast
 
@@ -108,7 +109,8 @@ def _validate(model, task: Task, dataset, indices, samples: list[Sample], target
 
 @dataclass
 class _Optimizer:
-    """AdamW, its warm-up + cosine schedule (stepped per optimizer step) and the fp16 loss scaler."""
+    """AdamW over the trainable parameters (layer-wise lr decay if asked), its warm-up + cosine
+    schedule (stepped per optimizer step) and the fp16 loss scaler."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -117,7 +119,8 @@ class _Optimizer:
     @classmethod
     def create(cls, model: SlideModel, config, *, steps_per_epoch: int, device: torch.device,
                dtype: torch.dtype) -> _Optimizer:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
+                                                   layer_decay=config.layer_decay))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
             total_steps=config.epochs * steps_per_epoch, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
             min_ratio=config.min_lr_ratio))
@@ -221,7 +224,7 @@ def fit(
         torch.manual_seed(derived_seed(config.seed, fold_number, epoch))
         train_loss = _train_epoch(model, task, dataset, train_indices, train_targets, weights, opt, config,
                                   seed=(config.seed, fold_number, epoch), device=device, dtype=dtype)
-        record = {"epoch": epoch, "train_loss": train_loss, "lr": opt.optimizer.param_groups[0]["lr"]}
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": max(g["lr"] for g in opt.optimizer.param_groups)}
         if val_samples:
             val = _validate(model, task, dataset, val_indices, val_samples, val_targets,
                             batch_size=config.batch_size, device=device, dtype=dtype)

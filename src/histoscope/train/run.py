@@ -30,12 +30,13 @@ from histoscope.eval.report import evaluate, results_markdown, summarise
 from histoscope.io.atomic import atomic_path, write_json
 from histoscope.io.columns import read_columns, write_columns
 from histoscope.io.features_h5 import features_path
-from histoscope.slide import load_slide_model
+from histoscope.slide import get_slide_model_spec, load_slide_model
 from histoscope.slide.trained import save_trained_model
 from histoscope.train.checkpoint import resolved_arch
 from histoscope.train.config import ConfigError, TrainConfig
 from histoscope.train.data import BagDataset, FeatureCache, features_dim, features_geometry, read_table
 from histoscope.train.loop import derived_seed, fit, predict_bags
+from histoscope.train.optim import freeze_encoder
 from histoscope.train.splits import make_splits
 from histoscope.train.tasks import Task, make_task
 from histoscope.utils.device import resolve_device, resolve_dtype
@@ -149,7 +150,11 @@ def _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dty
     task = make_task(config, samples)
     task.fit([samples[i] for i in split.train])
     torch.manual_seed(derived_seed(config.seed, number))  # the same initial weights on every rerun
-    model = load_slide_model(config.model, in_dim=in_dim, num_outputs=task.num_outputs, **arch).to(device)
+    model = load_slide_model(config.model, in_dim=in_dim, num_outputs=task.num_outputs, weights=config.init_weights,
+                             new_head=config.new_head, **arch)
+    if config.freeze_encoder:
+        freeze_encoder(model, get_slide_model_spec(config.model))
+    model = model.to(device)
     state_path = folder / "train_state.pt"
     result = fit(model=model, task=task, dataset=dataset, train_indices=list(split.train),
                  val_indices=list(split.val), samples=samples, config=config, fold_number=number,

@@ -1,8 +1,9 @@
 """The built-in slide models: one registry entry per published model.
 
-An entry is a builder plus data: a description, the published architecture
-(``defaults``, the only place those values are written), a tiny variant for tests,
-the converter of the authors' checkpoints and the paper. Builders take every
+An entry is a builder plus data: a description, the modules that make up the task
+head (``head``), the published architecture (``defaults``, the only place those
+values are written), a tiny variant for tests, the converter of the authors'
+checkpoints and the paper. Builders take every
 architecture keyword explicitly and import their model's module only when called,
 so this catalogue, and ``histoscope models``, never import torch.
 """
@@ -34,14 +35,16 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 
 # ---- baselines -------------------------------------------------------------------
 
-@register_slide_model("mean_pool", description="Masked mean of tile embeddings, optional Linear head")
+@register_slide_model("mean_pool", description="Masked mean of tile embeddings, optional Linear head",
+                      head=("head",))
 def mean_pool(*, in_dim: int, num_outputs: int):
     from histoscope.slide.models.pooling import MeanPool
 
     return MeanPool(in_dim=in_dim, num_outputs=num_outputs)
 
 
-@register_slide_model("max_pool", description="Masked per-dimension max of tile embeddings, optional Linear head")
+@register_slide_model("max_pool", description="Masked per-dimension max of tile embeddings, optional Linear head",
+                      head=("head",))
 def max_pool(*, in_dim: int, num_outputs: int):
     from histoscope.slide.models.pooling import MaxPool
 
@@ -56,7 +59,7 @@ _ABMIL_TINY = {"hidden_dim": 32, "attn_dim": 16}
 
 
 @register_slide_model("abmil", description="Attention MIL, tanh attention (Ilse et al.), CLAM trunk",
-                      defaults=_ABMIL_DEFAULTS, tiny=_ABMIL_TINY, convert_checkpoint=_lazy("abmil", "abmil_state_dict"),
+                      head=("classifiers",), defaults=_ABMIL_DEFAULTS, tiny=_ABMIL_TINY, convert_checkpoint=_lazy("abmil", "abmil_state_dict"),
                       paper=_ABMIL_PAPER)
 def abmil(*, in_dim: int, num_outputs: int, hidden_dim: int, attn_dim: int, dropout: float):
     from histoscope.slide.models.abmil import ABMIL
@@ -66,7 +69,7 @@ def abmil(*, in_dim: int, num_outputs: int, hidden_dim: int, attn_dim: int, drop
 
 
 @register_slide_model("abmil_gated", description="Gated attention MIL (CLAM_SB without instance loss)",
-                      defaults=_ABMIL_DEFAULTS, tiny=_ABMIL_TINY, convert_checkpoint=_lazy("abmil", "abmil_state_dict"),
+                      head=("classifiers",), defaults=_ABMIL_DEFAULTS, tiny=_ABMIL_TINY, convert_checkpoint=_lazy("abmil", "abmil_state_dict"),
                       paper=_ABMIL_PAPER)
 def abmil_gated(*, in_dim: int, num_outputs: int, hidden_dim: int, attn_dim: int, dropout: float):
     from histoscope.slide.models.abmil import ABMIL
@@ -81,10 +84,14 @@ _CLAM_PAPER = ("Lu et al., Data-efficient and weakly supervised computational pa
 _CLAM_DEFAULTS = {"size": "small", "hidden_dim": None, "attn_dim": None, "gated": True, "dropout": 0.25,
                   "k_sample": 8, "subtyping": False, "bag_weight": 0.7}
 _CLAM_TINY = {"hidden_dim": 32, "attn_dim": 16, "k_sample": 4}
+# One attention row per class: the last Linear of the attention net is part of the head
+# (attention_c when gated; module.3, or module.2 without dropout, when not).
+_CLAM_MB_HEAD = ("classifiers", "instance_classifiers", "attention_net.3.attention_c", "attention_net.3.module.2",
+                 "attention_net.3.module.3")
 
 
 @register_slide_model("clam_sb", description="CLAM single-branch: gated attention MIL + instance clustering",
-                      defaults=_CLAM_DEFAULTS, tiny=_CLAM_TINY, convert_checkpoint=_lazy("abmil", "clam_state_dict"),
+                      head=("classifiers", "instance_classifiers"), defaults=_CLAM_DEFAULTS, tiny=_CLAM_TINY, convert_checkpoint=_lazy("abmil", "clam_state_dict"),
                       paper=_CLAM_PAPER)
 def clam_sb(*, in_dim: int, num_outputs: int, size: str, hidden_dim: int | None, attn_dim: int | None, gated: bool,
             dropout: float, k_sample: int, subtyping: bool, bag_weight: float):
@@ -95,7 +102,7 @@ def clam_sb(*, in_dim: int, num_outputs: int, size: str, hidden_dim: int | None,
 
 
 @register_slide_model("clam_mb", description="CLAM multi-branch: one attention branch per class + instance clustering",
-                      defaults=_CLAM_DEFAULTS, tiny=_CLAM_TINY, convert_checkpoint=_lazy("abmil", "clam_state_dict"),
+                      head=_CLAM_MB_HEAD, defaults=_CLAM_DEFAULTS, tiny=_CLAM_TINY, convert_checkpoint=_lazy("abmil", "clam_state_dict"),
                       paper=_CLAM_PAPER)
 def clam_mb(*, in_dim: int, num_outputs: int, size: str, hidden_dim: int | None, attn_dim: int | None, gated: bool,
             dropout: float, k_sample: int, subtyping: bool, bag_weight: float):
@@ -108,7 +115,7 @@ def clam_mb(*, in_dim: int, num_outputs: int, size: str, hidden_dim: int | None,
 # ---- transformers ------------------------------------------------------------------
 
 @register_slide_model(
-    "transmil", description="TransMIL: Nyström-attention transformer with PPEG position encoding",
+    "transmil", description="TransMIL: Nyström-attention transformer with PPEG position encoding", head=("_fc2",),
     # num_landmarks None: dim // 2, as TransMIL
     defaults={"dim": 512, "heads": 8, "num_landmarks": None, "pinv_iterations": 6, "dropout": 0.1,
               "legacy_nystrom_padding": False},
@@ -124,6 +131,7 @@ def transmil(*, in_dim: int, num_outputs: int, dim: int, heads: int, num_landmar
 
 @register_slide_model(
     "perceiver", description="HistoGPT's Perceiver resampler, mean of latents + Linear head (stage-1 head: our choice)",
+    head=("head",),
     defaults={"dim": 1536, "depth": 6, "num_latents": 640, "dim_head": 96, "heads": 16, "ff_mult": 4},
     tiny={"dim": 32, "depth": 2, "num_latents": 8, "dim_head": 8, "heads": 4},
     convert_checkpoint=_lazy("perceiver", "histogpt_resampler_state_dict"),
@@ -142,6 +150,7 @@ def perceiver(*, in_dim: int, num_outputs: int, dim: int, depth: int, num_latent
 @register_slide_model(
     "gigapath_slide",
     description="Prov-GigaPath slide encoder: LongNet dilated attention over tiles with 2-D sin-cos positions",
+    head=("head",),
     defaults={"embed_dim": 768, "depth": 12, "num_heads": 16, "mlp_ratio": 4.0,
               "segment_lengths": list(PUBLISHED_SEGMENT_LENGTHS), "dilation_ratios": list(PUBLISHED_DILATION_RATIOS),
               "tile_size": 256, "slide_ngrids": 1000, "global_pool": True, "feat_layers": None,
@@ -166,6 +175,7 @@ def gigapath_slide(*, in_dim: int, num_outputs: int, embed_dim: int, depth: int,
 @register_slide_model(
     "hipt", description="HIPT: ViT-4K over 16x16 grids of 256-px tile embeddings, then a slide transformer "
                         "with gated attention pooling (HIPT_LGP_FC)",
+    head=("classifier",),
     defaults={"tile_size": 256, "region_tiles": 16, "embed_dim": 192, "local_depth": 6, "local_heads": 6,
               "global_depth": 2, "global_heads": 3, "dropout": 0.25, "local_drop_rate": 0.0},
     tiny={"embed_dim": 32, "local_depth": 1, "local_heads": 2, "global_depth": 1, "global_heads": 2},

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from histoscope.io.checkpoint import compare_state_dict, read_checkpoint
 from histoscope.layers.gated_attention import GatedAttentionNet
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask, masked_softmax
-from histoscope.slide.registry import SlideWeightsError, read_checkpoint
+from histoscope.slide.registry import SlideWeightsError
 
 __all__ = ["HIPT", "VisionTransformer4K", "region_grids", "hipt_state_dict", "vit4k_state_dict", "load_vit4k_dino"]
 
@@ -282,10 +283,13 @@ def load_vit4k_dino(model: HIPT | VisionTransformer4K, path: str | Path) -> None
     """Load the published ``vit4k_xs_dino.pth`` into a HIPT model's ``local_vit``
     (or a bare :class:`VisionTransformer4K`), strictly."""
     path = Path(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, kind="weights")
     vit = model.local_vit if isinstance(model, HIPT) else model
-    result = vit.load_state_dict(vit4k_state_dict(checkpoint), strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    state = vit4k_state_dict(checkpoint)
+    missing, unexpected, mismatched = compare_state_dict(vit, state)
+    if missing or unexpected or mismatched:
         raise SlideWeightsError(
-            f"{path} does not fit the region ViT: {len(result.missing_keys)} missing keys {result.missing_keys[:8]}, "
-            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:8]}")
+            f"{path} does not fit the region ViT: {len(missing)} missing keys {missing[:8]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}, {len(mismatched)} shape mismatches "
+            f"{mismatched[:8]}")
+    vit.load_state_dict(state)

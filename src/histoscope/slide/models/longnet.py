@@ -235,6 +235,23 @@ class LongNetSlideEncoder(SlideModel):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
+    def layer_ids(self) -> dict[str, int]:
+        """Prov-GigaPath fine-tuning's depths (its ``get_layer_id`` on ``ClassificationHead``
+        names): ``cls_token`` 0, ``encoder.layers.i`` i + 1, everything else depth + 1.
+        Everything else includes ``patch_embed``: the official rule tests for a
+        ``patch_embed`` prefix that the head's ``slide_encoder.patch_embed.*`` names never
+        have, so the published fine-tuning trains the tile projection at the full rate."""
+        top = len(self.encoder.layers) + 1
+        ids = {}
+        for name, _ in self.named_parameters():
+            if name == "cls_token":
+                ids[name] = 0
+            elif name.startswith("encoder.layers."):
+                ids[name] = int(name.split(".")[2]) + 1
+            else:
+                ids[name] = top
+        return ids
+
     def position_embedding(self, coords: Tensor, dtype: torch.dtype) -> Tensor:
         """coords (B, N, 2) level-0 (x, y) → (B, N, E) fixed 2-D sin-cos."""
         gx, gy = grid_indices(coords, self.tile_size, self.slide_ngrids)
