@@ -8,42 +8,40 @@ from typing import Annotated, Optional
 
 import typer
 
+from histoscope.cli.errors import BATCH_FAILED, HandledGroup, check_mpp, one_of
+from histoscope.io.mpp import mpp_problem
+from histoscope.io.open import BACKENDS
 from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
 from histoscope.tiling.grid import DEFAULT_MIN_TISSUE
 
 app = typer.Typer(
+    cls=HandledGroup,  # one-line errors and exit codes for every command (cli/errors.py)
     help="histoscope: gigapixel slides → tissue → tiles at exact microns → embeddings → predictions.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
+
 SlidesArg = Annotated[list[str], typer.Argument(help="Slide files, folders, glob patterns or CSV files (path[, slide_id, mpp]).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", "-w", help="Worker processes (0: run in this process).")]
-SlideMppOpt = Annotated[Optional[float], typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose metadata lacks it (a CSV `mpp` column wins).")]
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=0, help="Worker processes (0: run in this process).")]
+SlideMppOpt = Annotated[Optional[float], typer.Option("--slide-mpp", callback=check_mpp, help="Level-0 µm/px for slides whose metadata lacks it (a CSV `mpp` column wins).")]
+BackendOpt = Annotated[str, typer.Option(callback=one_of(*BACKENDS), help="Slide reader: auto, tiff, openslide or image.")]
 
 
 @app.command()
 def info(
     slide: Annotated[Path, typer.Argument(help="Slide file.")],
     slide_mpp: SlideMppOpt = None,
-    backend: Annotated[str, typer.Option(help="auto, tiff, openslide or image.")] = "auto",
+    backend: BackendOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Dimensions, levels, mpp, vendor, backend and associated images of a slide."""
-    from histoscope.io import SlideError, open_slide
+    from histoscope.io import open_slide
 
-    try:
-        with open_slide(slide, slide_mpp=slide_mpp, backend=backend) as s:
-            data = s.info()
-    except (SlideError, FileNotFoundError) as error:
-        _fail(str(error))
+    with open_slide(slide, slide_mpp=slide_mpp, backend=backend) as s:
+        data = s.info()
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -52,7 +50,9 @@ def info(
     w, h = data["dimensions"]
     typer.echo(f"  dimensions  {w} x {h} px")
     mpp = data["mpp"]
-    typer.echo(f"  mpp         {mpp:.4f} µm/px" if mpp else "  mpp         unknown (pass --slide-mpp)")
+    problem = mpp_problem(mpp) if mpp else None
+    typer.echo(f"  mpp         {mpp:.4f} µm/px" + (" (implausible: pass --slide-mpp)" if problem else "") if mpp
+               else "  mpp         unknown (pass --slide-mpp)")
     for i, level in enumerate(data["levels"]):
         typer.echo(f"  level {i}     {level['width']} x {level['height']}  downsample {level['downsample']}")
     typer.echo(f"  associated  {', '.join(data['associated_images']) or '-'}")
@@ -63,7 +63,7 @@ def sample_slide(
     out: Annotated[Path, typer.Argument(help="Output slide file (.svs, .tiff or .ome.tiff).")],
     width: Annotated[int, typer.Option(help="Level-0 width in px.")] = 8192,
     height: Annotated[int, typer.Option(help="Level-0 height in px.")] = 6144,
-    mpp: Annotated[float, typer.Option(help="Level-0 µm/px written to the metadata.")] = 0.25,
+    mpp: Annotated[float, typer.Option(callback=check_mpp, help="Level-0 µm/px written to the metadata.")] = 0.25,
     kind: Annotated[Optional[str], typer.Option(help="svs, tiff or ome (default: from the suffix).")] = None,
     stain: Annotated[str, typer.Option(help="Texture source: he or ihc.")] = "he",
     pen_marks: Annotated[bool, typer.Option(help="Draw a marker stroke on the glass.")] = False,
@@ -84,13 +84,13 @@ def sample_slide(
 def tile(
     slides: SlidesArg,
     out: OutOpt,
-    mpp: Annotated[float, typer.Option(help="Target resolution of the tiles in µm/px.")] = DEFAULT_MPP,
-    size: Annotated[int, typer.Option(help="Tile edge in px at the target resolution.")] = DEFAULT_SIZE,
-    overlap: Annotated[int, typer.Option(help="Overlap between neighbouring tiles in px.")] = 0,
-    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a kept tile.")] = DEFAULT_MIN_TISSUE,
+    mpp: Annotated[float, typer.Option(callback=check_mpp, help="Target resolution of the tiles in µm/px.")] = DEFAULT_MPP,
+    size: Annotated[int, typer.Option(min=1, help="Tile edge in px at the target resolution.")] = DEFAULT_SIZE,
+    overlap: Annotated[int, typer.Option(min=0, help="Overlap between neighbouring tiles in px.")] = 0,
+    min_tissue: Annotated[float, typer.Option(min=0.0, max=1.0, help="Minimum tissue fraction of a kept tile.")] = DEFAULT_MIN_TISSUE,
     slide_mpp: SlideMppOpt = None,
     workers: WorkersOpt = 1,
-    backend: Annotated[str, typer.Option(help="Slide reader: auto, tiff, openslide or image.")] = "auto",
+    backend: BackendOpt = "auto",
     keep_pen: Annotated[bool, typer.Option("--keep-pen", help="Do not remove pen marks from the tissue mask.")] = False,
 ) -> None:
     """Segment tissue and write tile coordinates at exact microns for many slides."""
@@ -98,10 +98,7 @@ def tile(
 
     params = TileParams(size=size, mpp=mpp, overlap=overlap, min_tissue=min_tissue, remove_pen=not keep_pen,
                         backend=backend)
-    try:
-        result = tile_slides(slides, out_dir=out, params=params, workers=workers, slide_mpp=slide_mpp)
-    except (ValueError, FileNotFoundError) as error:
-        _fail(str(error))
+    result = tile_slides(slides, out_dir=out, params=params, workers=workers, slide_mpp=slide_mpp)
     _summarise(result, out)
 
 
@@ -115,7 +112,7 @@ def _summarise(result, out: Path, *, exit_on_failure: bool = True) -> None:
     for name in result.failed:
         typer.secho(f"FAILED {name}: {result.records[name].get('error')}", fg=typer.colors.RED, err=True)
     if result.failed and exit_on_failure:
-        raise typer.Exit(1)
+        raise typer.Exit(BATCH_FAILED)
 
 
 def _parse_arch(items: list[str] | None) -> dict:
@@ -124,17 +121,21 @@ def _parse_arch(items: list[str] | None) -> dict:
     arch = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"--arch expects KEY=VALUE, got {item!r}")
-        arch[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expects KEY=VALUE, got {item!r}", param_hint="'--arch'")
+        try:
+            arch[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise typer.BadParameter(f"the value of {item!r} is not a number, word or YAML list; quote it",
+                                     param_hint="'--arch'") from None
     return arch
 
 
 EncoderOpt = Annotated[str, typer.Option("--encoder", "-e", help="Tile encoder (see `histoscope models`).")]
-WeightsOpt = Annotated[Optional[str], typer.Option(help="Checkpoint file or folder as published; default: the Hugging Face Hub; 'random' for untrained weights.")]
-BatchOpt = Annotated[int, typer.Option(help="Tiles per batch.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Checkpoint file or folder as published; default: the Hugging Face Hub; 'random' (seed 0) or 'random:SEED' for untrained weights.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Tiles per batch.")]
 DevicesOpt = Annotated[str, typer.Option("--devices", help="auto, cpu, cuda, or a comma list such as cuda:0,cuda:1.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), fp32, bf16 or fp16.")]
+DtypeOpt = Annotated[str, typer.Option(callback=one_of("auto", "fp32", "bf16", "fp16"), help="auto (bf16 where the hardware has it), fp32, bf16 or fp16.")]
 ArchOpt = Annotated[Optional[list[str]], typer.Option("--arch", help="Architecture override KEY=VALUE (repeatable), e.g. for tiny test variants.")]
 
 
@@ -153,7 +154,7 @@ def embed(
     encoder: EncoderOpt = "uni",
     weights: WeightsOpt = None,
     batch_size: BatchOpt = 64,
-    workers: Annotated[int, typer.Option("--workers", "-w", help="Tile-decoding worker processes.")] = 2,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=0, help="Tile-decoding worker processes.")] = 2,
     devices: DevicesOpt = "auto",
     dtype: DtypeOpt = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
@@ -165,7 +166,7 @@ def embed(
     from histoscope.pipeline.embed import embed_slides
 
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, compile_, arch)
-    result = _guarded(lambda: embed_slides(slides, out_dir=out, params=params, slide_mpp=slide_mpp))
+    result = embed_slides(slides, out_dir=out, params=params, slide_mpp=slide_mpp)
     _summarise(result, features_folder(out, params.folder_name))
 
 
@@ -175,8 +176,8 @@ def run(
     out: OutOpt,
     encoder: EncoderOpt = "uni",
     weights: WeightsOpt = None,
-    mpp: Annotated[Optional[float], typer.Option(help=f"Tile resolution in µm/px (default: the encoder's native one, else {DEFAULT_MPP}).")] = None,
-    size: Annotated[Optional[int], typer.Option(help=f"Tile edge in px (default: the encoder's native tile, else {DEFAULT_SIZE}).")] = None,
+    mpp: Annotated[Optional[float], typer.Option(callback=check_mpp, help=f"Tile resolution in µm/px (default: the encoder's native one, else {DEFAULT_MPP}).")] = None,
+    size: Annotated[Optional[int], typer.Option(min=1, help=f"Tile edge in px (default: the encoder's native tile, else {DEFAULT_SIZE}).")] = None,
     slide_mpp: SlideMppOpt = None,
     workers: WorkersOpt = 2,
     batch_size: BatchOpt = 64,
@@ -190,22 +191,23 @@ def run(
     from histoscope.pipeline import TileParams, collect_slides, tile_slides
     from histoscope.pipeline.embed import embed_slides, encoder_tiling
 
-    spec = _guarded(lambda: get_tile_encoder_spec(encoder))
+    spec = get_tile_encoder_spec(encoder)
     mpp, size = encoder_tiling(spec, mpp=mpp, size=size)
-    jobs = _guarded(lambda: collect_slides(slides, slide_mpp=slide_mpp))  # keeps CSV slide ids and mpp
-    tiled = _guarded(lambda: tile_slides(jobs, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers))
+    jobs = collect_slides(slides, slide_mpp=slide_mpp)  # keeps CSV slide ids and mpp
+    tiled = tile_slides(jobs, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers)
     _summarise(tiled, out, exit_on_failure=False)
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, False, arch)
     ok = [job for job in jobs if tiled.records[job.name]["status"] == "ok"]
-    embedded = _guarded(lambda: embed_slides(ok, out_dir=out, params=params))
-    _summarise(embedded, features_folder(out, params.folder_name), exit_on_failure=False)
-    if tiled.failed or embedded.failed:
-        raise typer.Exit(1)
+    if ok:
+        embedded = embed_slides(ok, out_dir=out, params=params)
+        _summarise(embedded, features_folder(out, params.folder_name), exit_on_failure=False)
+    if tiled.failed or (ok and embedded.failed):
+        raise typer.Exit(BATCH_FAILED)
 
 
 @app.command()
 def models(
-    kind: Annotated[str, typer.Option(help="tile, slide or all.")] = "all",
+    kind: Annotated[str, typer.Option(callback=one_of("tile", "slide", "all"), help="tile, slide or all.")] = "all",
 ) -> None:
     """List registered models with their embedding size, preprocessing and weight source."""
     if kind in ("tile", "all"):
@@ -226,22 +228,6 @@ def models(
         typer.echo("Slide models (histoscope train model=NAME)")
         for name in list_slide_models():
             typer.echo(f"  {name:16} {get_slide_model_spec(name).description}")
-
-
-def _guarded(fn):
-    """Run ``fn``; turn input errors into a clean message and exit status 2."""
-    from histoscope.io import SlideError
-
-    try:
-        return fn()
-    except (ValueError, KeyError, FileNotFoundError, SlideError) as error:
-        _fail(str(error).strip("'\""))
-    except Exception as error:
-        from histoscope.encoders.errors import WeightsError
-
-        if isinstance(error, WeightsError):
-            _fail(str(error))
-        raise
 
 
 @app.command()

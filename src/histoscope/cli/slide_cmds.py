@@ -10,12 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from histoscope.cli.errors import BATCH_FAILED, check_mpp, one_of
+
 __all__ = ["register"]
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def train(
@@ -32,23 +29,19 @@ def train(
 
     A rerun into the same folder resumes: finished folds are kept, an interrupted one continues.
     """
-    from histoscope.slide import SlideWeightsError
-    from histoscope.train import ConfigError, load_recipe
+    from histoscope.train import load_recipe
     from histoscope.train import train as run_training
     from histoscope.train.run import results_path
 
     items = list(overrides or [])
     if recipe is not None and "=" in str(recipe):  # no recipe file, overrides only
         items, recipe = [str(recipe), *items], None
-    try:
-        config = load_recipe(recipe, items)
-        if out is not None:
-            config.out_dir = str(out)
-        if device is not None:
-            config.device = device
-        results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, SlideWeightsError) as error:
-        _fail(str(error).strip("'\""))
+    config = load_recipe(recipe, items)
+    if out is not None:
+        config.out_dir = str(out)
+    if device is not None:
+        config.device = device
+    results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
     pooled = results["pooled"]
     typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")
     for name, entry in pooled["metrics"].items():
@@ -63,30 +56,26 @@ def predict(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="checkpoint.pt written by histoscope train.")] = ...,
     features: Annotated[Path, typer.Option("--features", "-f", help="Features folder (OUT/features_<encoder>).")] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
-    top_k: Annotated[int, typer.Option(help="Highest-scoring tiles saved as PNG per slide.")] = 8,
-    thumbnail: Annotated[int, typer.Option(help="Longer side of the heatmap in px.")] = 2048,
+    top_k: Annotated[int, typer.Option(min=0, help="Highest-scoring tiles saved as PNG per slide.")] = 8,
+    thumbnail: Annotated[int, typer.Option(min=16, help="Longer side of the heatmap in px.")] = 2048,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
-    slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
+    precision: Annotated[str, typer.Option(callback=one_of("auto", "fp32", "bf16", "fp16"), help="auto, fp32, bf16 or fp16.")] = "auto",
+    slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", callback=check_mpp, help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     detections: Annotated[bool, typer.Option("--detections", help="GeoJSON tiles as QuPath detections instead of tiles.")] = False,
 ) -> None:
     """Per-slide predictions, tile-score heatmaps, QuPath GeoJSON and top tiles from a trained model."""
     from histoscope.predict import predict_slides, predictions_path
-    from histoscope.slide import SlideWeightsError
 
-    try:
-        result = predict_slides(checkpoint, features_dir=features, out_dir=out, slides=slides or None,
-                                slide_mpp=slide_mpp, top_k=top_k, thumbnail_size=thumbnail, device=device,
-                                precision=precision, object_type="detection" if detections else "tile",
-                                progress=True)
-    except (FileNotFoundError, ValueError, SlideWeightsError, RuntimeError) as error:
-        _fail(str(error))
+    result = predict_slides(checkpoint, features_dir=features, out_dir=out, slides=slides or None,
+                            slide_mpp=slide_mpp, top_k=top_k, thumbnail_size=thumbnail, device=device,
+                            precision=precision, object_type="detection" if detections else "tile",
+                            progress=True)
     ok = len(result.records) - len(result.failed)
     typer.echo(f"{ok} slide(s) predicted; {predictions_path(out)}")
     for name in result.failed:
         typer.secho(f"FAILED {name}: {result.records[name].get('error')}", fg=typer.colors.RED, err=True)
     if result.failed:
-        raise typer.Exit(1)
+        raise typer.Exit(BATCH_FAILED)
 
 
 def register(app: typer.Typer) -> None:

@@ -24,9 +24,11 @@ from histoscope.encoders.weights import (
     RANDOM,
     clean_state_dict,
     load_weights,
+    random_seed,
     read_weights,
     resolve_weights,
     sha256_file,
+    state_dict_sha256,
 )
 from histoscope.io.checkpoint import compare_state_dict
 
@@ -41,13 +43,19 @@ class TileEncoder(nn.Module):
     """
 
     def __init__(self, *, spec: TileEncoderSpec, model: nn.Module, weights_path: Path | None = None,
-                 weights_sha256: str | None = None):
+                 weights_sha256: str | None = None, weights_seed: int | None = None):
         super().__init__()
         self.spec = spec
         self.model = model
         self.embed_dim = spec.pooling.out_dim(model)
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
+        self.weights_seed = weights_seed  # random weights: their seed
+
+    @property
+    def weights_source(self) -> str:
+        """Where the weights came from: their file, or ``random:SEED``."""
+        return str(self.weights_path) if self.weights_path is not None else f"{RANDOM}:{self.weights_seed}"
 
     def transform(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 tiles (N, H, W, 3) -> float32 (N, 3, h, w), preprocessed as published."""
@@ -59,13 +67,13 @@ class TileEncoder(nn.Module):
         return self.spec.pooling.pool(self.model, self.model(x))
 
     def extra_repr(self) -> str:
-        weights = self.weights_path or "random"
-        return f"name={self.spec.name!r}, embed_dim={self.embed_dim}, weights={str(weights)!r}"
+        return f"name={self.spec.name!r}, embed_dim={self.embed_dim}, weights={self.weights_source!r}"
 
 
 def _spec_for(name: str, weights) -> TileEncoderSpec:
     # an hf-hub model passed with a local snapshot folder reads that folder's config.json
-    if name.startswith(GENERIC_PREFIXES[1:]) and weights not in (None, RANDOM) and Path(weights).is_dir():
+    if name.startswith(GENERIC_PREFIXES[1:]) and weights is not None and random_seed(weights) is None \
+            and Path(weights).is_dir():
         return generic_spec(name, local_dir=weights)
     return get_tile_encoder_spec(name)
 
@@ -99,7 +107,8 @@ def load_tile_encoder(name: str, *, weights: str | Path | None = None, device: s
     ----------
     name : registry name, e.g. ``"uni"``; see :func:`list_tile_encoders`.
     weights : None downloads from the Hugging Face Hub (through the HF cache); a file
-        or snapshot folder loads local weights; ``"random"`` builds an untrained model.
+        or snapshot folder loads local weights; ``"random"`` builds an untrained model
+        from seed 0 (``"random:SEED"`` from another), the same in every process.
     device, dtype : where and in which precision the returned module lives.
     token : Hugging Face token; by default huggingface_hub uses ``HF_TOKEN`` or the stored login.
     **arch : overrides of the builder's architecture arguments (e.g. tiny test variants).
@@ -110,12 +119,27 @@ def load_tile_encoder(name: str, *, weights: str | Path | None = None, device: s
     shaped key raises :class:`~histoscope.encoders.WeightsMismatchError`.
     """
     spec = _spec_for(name, weights)
+    seed = random_seed(weights)
     path = resolve_weights(spec, weights, token=token)
     state_dict = clean_state_dict(read_weights(path), unwrap=spec.unwrap, path=path) if path else None
-    model = spec.builder(**arch)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(seed or 0)
+        model = _build(spec, arch)
     if state_dict is not None:
         load_weights(model, state_dict, spec, path=path,
                      hint=lambda: _guess_owner(state_dict, exclude=spec.name, arch=arch))
-    encoder = TileEncoder(spec=spec, model=model, weights_path=path,
-                          weights_sha256=sha256_file(path) if path else None)
+    encoder = TileEncoder(spec=spec, model=model, weights_path=path, weights_seed=seed,
+                          weights_sha256=sha256_file(path) if path else state_dict_sha256(model))
     return encoder.to(device=device, dtype=dtype).eval()
+
+
+def _build(spec: TileEncoderSpec, arch: dict):
+    """``spec.builder(**arch)``; an argument the architecture does not have is a clear error."""
+    try:
+        return spec.builder(**arch)
+    except TypeError as error:
+        if not arch or "argument" not in str(error):
+            raise
+        raise ValueError(f"tile encoder '{spec.name}': architecture override(s) "
+                         f"{', '.join(f'{k}={v!r}' for k, v in arch.items()) or '(none)'} (--arch) do not fit its "
+                         f"builder ({error}); check the names against the model's constructor") from None

@@ -5,6 +5,8 @@ cache; ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured by
 huggingface_hub), a file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``; optionally
 written ``file:PATH``), a folder holding one of the spec's filenames (e.g. a
 downloaded Hub snapshot), or ``"random"`` -- the only way to get an untrained model.
+Random weights are seeded: ``"random"`` is ``"random:0"``, and ``"random:SEED"`` picks
+another seed, so two processes build the same weights and a rerun recognises them.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from histoscope.io.checkpoint import CheckpointError, compare_state_dict, read_c
 __all__ = [
     "RANDOM",
     "clean_state_dict",
+    "random_seed",
     "download_from_hub",
     "load_weights",
     "read_weights",
     "resolve_weights",
     "sha256_file",
+    "state_dict_sha256",
 ]
 
 RANDOM = "random"
@@ -52,10 +56,35 @@ _FIX = ("Fix: log in with `hf auth login` (or `huggingface-cli login`) or set th
         "variable; or download the weights yourself and pass them as weights=PATH (`--weights PATH`).")
 
 
+def random_seed(weights: str | Path | None) -> int | None:
+    """The seed of ``"random"`` (0) or ``"random:SEED"`` weights; None for any other source."""
+    text = str(weights) if weights is not None else ""
+    if text == RANDOM:
+        return 0
+    if not text.startswith(f"{RANDOM}:"):
+        return None
+    seed = text[len(RANDOM) + 1:]
+    if not seed.isdigit():
+        raise ValueError(f"weights {text!r}: the seed of random weights is a whole number >= 0, e.g. "
+                         f"{RANDOM}:1 (`--weights {RANDOM}:1`); plain '{RANDOM}' is seed 0")
+    return int(seed)
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and values, in key order)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def resolve_weights(spec: TileEncoderSpec, weights: str | Path | None, *,
                     token: str | bool | None = None) -> Path | None:
-    """The local weights file for ``spec`` (downloading it if needed); None for ``"random"``."""
-    if weights == RANDOM:
+    """The local weights file for ``spec`` (downloading it if needed); None for random weights."""
+    if random_seed(weights) is not None:
         return None
     if weights is None:
         if spec.hf_repo is None:

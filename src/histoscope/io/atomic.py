@@ -11,15 +11,17 @@ from typing import Any
 
 __all__ = ["atomic_path", "write_json", "write_image", "remove_stale_partials", "PARTIAL"]
 
-# Marker in temporary names. One name per target (no pid), so a rerun after a kill
-# overwrites its predecessor's leftovers instead of accumulating them.
+# Marker in temporary names, followed by the writer's PID: two processes writing one
+# target never share a temporary file. Leftovers of killed runs are removed by
+# ``remove_stale_partials`` when the next run claims the folder (``io.outdir``).
 PARTIAL = ".partial"
 
 
 def remove_stale_partials(folder: str | Path) -> int:
     """Delete temporary files a killed run left in ``folder`` (and below); returns how many.
 
-    Call it when a stage starts: only one histoscope run may write into an output folder.
+    Only safe while no other run writes there: stages call it through
+    :func:`histoscope.io.outdir.output_folder`, which holds the folder's lock first.
     """
     removed = 0
     folder = Path(folder)
@@ -40,7 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}{PARTIAL}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}{PARTIAL}-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

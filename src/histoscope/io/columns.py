@@ -1,8 +1,10 @@
-"""CSV tables of named columns (predictions, splits), written atomically."""
+"""CSV tables of named columns (predictions, splits), written atomically, and the reader
+every CSV histoscope takes in goes through."""
 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import numpy as np
 
 from histoscope.io.atomic import atomic_path
 
-__all__ = ["write_columns", "read_columns"]
+__all__ = ["write_columns", "read_columns", "csv_reader"]
 
 
 def write_columns(path: str | Path, columns: dict[str, Any]) -> None:
@@ -24,8 +26,29 @@ def write_columns(path: str | Path, columns: dict[str, Any]) -> None:
             writer.writerow([repr(float(v)) if isinstance(v, (float, np.floating)) else v for v in row])
 
 
+def csv_reader(path: str | Path) -> csv.DictReader:
+    """Rows of a UTF-8 CSV file (with or without the byte-order mark Excel writes) as dicts.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is not UTF-8 text (saved in a legacy code page, or not a CSV at all).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such CSV file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                         "save it as UTF-8 (Excel: CSV UTF-8)") from None
+    return csv.DictReader(io.StringIO(text, newline=""))
+
+
 def read_columns(path: str | Path) -> dict[str, list[str]]:
     """The columns of a CSV, as strings."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = list(csv_reader(path))
     return {name: [row[name] for row in rows] for name in (rows[0] if rows else {})}

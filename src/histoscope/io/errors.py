@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["SlideError", "UnsupportedSlideError", "CorruptSlideError", "MissingMppError"]
+__all__ = ["SlideError", "UnsupportedSlideError", "CorruptSlideError", "MissingMppError", "ImplausibleMppError"]
 
 
 class SlideError(Exception):
@@ -36,4 +36,16 @@ class MissingMppError(SlideError):
             "no microns-per-pixel (mpp) in the slide metadata; histoscope never guesses it. "
             "Pass it explicitly: `--slide-mpp 0.25` on the command line, an `mpp` column in "
             "the slide CSV, or `open_slide(path, slide_mpp=0.25)` in Python.",
+        )
+
+
+class ImplausibleMppError(SlideError):
+    """The slide's metadata gives a resolution no scan has (a unit mix-up or a broken writer)."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(
+            path,
+            f"the level-0 resolution in the slide metadata {problem}; histoscope never guesses it. "
+            "Pass the true value: `--slide-mpp 0.25` on the command line, an `mpp` column in the slide CSV, "
+            "or `open_slide(path, slide_mpp=0.25)` in Python.",
         )

@@ -17,7 +17,9 @@ import numpy as np
 from histoscope.io.atomic import atomic_path
 
 __all__ = ["features_folder", "features_path", "write_features", "read_features", "read_coords_attrs",
-           "FeaturesWriter"]
+           "FeaturesWriter", "FeaturesError", "check_features", "check_finite"]
+
+_CHECK_ROWS = 16384  # rows per block when scanning a file for NaN/Inf
 
 
 def features_folder(out_dir: str | Path, name: str) -> Path:
@@ -28,6 +30,78 @@ def features_folder(out_dir: str | Path, name: str) -> Path:
 def features_path(folder: str | Path, slide_name: str) -> Path:
     """``<folder>/<slide>.h5``: a slide's features file in a features folder."""
     return Path(folder) / f"{slide_name}.h5"
+
+
+class FeaturesError(ValueError):
+    """A file that cannot serve as a slide's tile features: not one, damaged, empty, or not finite."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {reason}")
+
+
+_REEMBED = "delete it and run `histoscope embed` on the slide again"
+
+
+def _check_layout(path: str | Path, f) -> tuple[int, int]:
+    """(N, D) of an open features file whose datasets are where and what they should be."""
+    if "features" not in f:
+        raise FeaturesError(path, f"no 'features' dataset (it holds {', '.join(f) or 'nothing'}); is this a "
+                                  "features file? Pass the folder histoscope embed wrote (OUT/features_<encoder>)")
+    shape = f["features"].shape
+    if len(shape) != 2:
+        raise FeaturesError(path, f"'features' has shape {shape}, not (tiles, dim); {_REEMBED}")
+    if "coords" not in f:
+        raise FeaturesError(path, "no 'coords' dataset: which tile each row is cannot be known, and positions would "
+                                  f"be made up; {_REEMBED}")
+    if f["coords"].shape != (shape[0], 2):
+        raise FeaturesError(path, f"'coords' has shape {f['coords'].shape} for {shape[0]} feature rows; {_REEMBED}")
+    return int(shape[0]), int(shape[1])
+
+
+def check_finite(path: str | Path, features: np.ndarray, *, start: int = 0) -> None:
+    """Raise :class:`FeaturesError` if any value of ``features`` (rows ``start…``) is NaN or Inf."""
+    bad = ~np.isfinite(features).all(axis=1) if features.size else np.zeros(0, bool)
+    if bad.any():
+        rows = np.flatnonzero(bad) + start
+        raise FeaturesError(path, f"{len(rows)} tile(s) have NaN or Inf features (first: row {rows[0]}); they would "
+                                  f"turn into made-up predictions. {_REEMBED[0].upper()}{_REEMBED[1:]}")
+
+
+def check_features(path: str | Path, *, dim: int | None = None) -> tuple[int, int]:
+    """``(N, D)`` of a features file, after checking it is usable as a slide's bag.
+
+    Reads the file in blocks: it must be an HDF5 file with ``features`` (N, D) and
+    ``coords`` (N, 2), hold at least one tile, be finite everywhere, and have ``D == dim``
+    when ``dim`` is given.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    FeaturesError
+        Anything else, with what is wrong and what to do.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such features file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise FeaturesError(path, f"not a readable HDF5 file ({str(error).splitlines()[0]}); {_REEMBED}") from None
+    with f:
+        n, d = _check_layout(path, f)
+        if n == 0:
+            raise FeaturesError(path, "no tiles (no tissue was found on the slide); drop the slide from the table, "
+                                      "or tile it again with a lower --min-tissue")
+        if dim is not None and d != dim:
+            raise FeaturesError(path, f"{d}-dim features where {dim} were expected (the dim of the other files): "
+                                      "files of different encoders in one folder? Embed every slide with one encoder")
+        for start in range(0, n, _CHECK_ROWS):
+            check_finite(path, f["features"][start : start + _CHECK_ROWS], start=start)
+    return n, d
 
 
 def _set_attrs(dataset, attrs: dict[str, Any]) -> None:
@@ -110,15 +184,16 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
     """``(features (N, D) float32, coords (N, 2) int64, attrs)`` of a features file.
 
     Reads histoscope's, TRIDENT's and CLAM's files (CLAM stores int32 coords and no
-    attributes). ``attrs`` merges the attributes of ``features`` and ``coords``.
+    attributes). ``attrs`` merges the attributes of ``features`` and ``coords``. A file
+    without ``coords``, or with one row too many in either, is a :class:`FeaturesError`;
+    :func:`check_features` also checks the values.
     """
     import h5py
 
     with h5py.File(path, "r") as f:
-        if "features" not in f:
-            raise KeyError(f"{path}: no 'features' dataset; is this a features file?")
+        _check_layout(path, f)
         features = f["features"][:].astype(np.float32)
-        coords = f["coords"][:].astype(np.int64) if "coords" in f else np.zeros((len(features), 2), np.int64)
+        coords = f["coords"][:].astype(np.int64)
         attrs: dict[str, Any] = {}
         for dataset in ("coords", "features"):
             if dataset in f:

@@ -14,12 +14,29 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 
-__all__ = ["mpp_from_aperio", "mpp_from_ome", "mpp_from_resolution", "mpp_from_openslide", "mpp_from_png_dpm"]
+__all__ = ["MPP_RANGE", "mpp_problem", "mpp_from_aperio", "mpp_from_ome", "mpp_from_resolution", "mpp_from_openslide",
+           "mpp_from_png_dpm"]
+
+# The µm/px a slide scan (or a tile cut from one) can have: 100x oil immersion is ~0.06
+# and a 1.25x overview ~8. A value outside is a typo or a unit mix-up (mm or nm taken
+# for µm), never a scan: it would tile a slide into nothing, or segment it at level 0.
+MPP_RANGE = (0.05, 50.0)
 
 _UM_PER_UNIT = {
     "m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0,
     "nm": 1e-3, "pm": 1e-6, "in": 25400.0, "ft": 304800.0,
 }
+
+
+def mpp_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a resolution in µm/px (to go after its name), or None if it can."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return f"must be a positive number of µm/px, got {value!r}"
+    low, high = MPP_RANGE
+    if not low <= value <= high:
+        return (f"is {value:g} µm/px, outside the {low:g}–{high:g} µm/px any slide scan has "
+                "(a unit mix-up? 20x is about 0.5, 40x about 0.25)")
+    return None
 
 
 def _valid(value: float | None) -> float | None:

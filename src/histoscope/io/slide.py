@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from histoscope.io.errors import MissingMppError
+from histoscope.io.errors import ImplausibleMppError, MissingMppError
+from histoscope.io.mpp import mpp_problem
 
 __all__ = ["Level", "Slide", "MPP_RTOL", "READ_CHUNK"]
 
@@ -51,9 +52,8 @@ class Slide(abc.ABC):
 
     def __init__(self, path: str | Path, *, slide_mpp: float | None = None):
         self.path = Path(path)
-        if slide_mpp is not None and not (slide_mpp > 0 and math.isfinite(slide_mpp)):
-            raise ValueError(f"{self.path}: slide_mpp (the level-0 µm/px override) must be a positive number, "
-                             f"got {slide_mpp!r}")
+        if slide_mpp is not None and (problem := mpp_problem(slide_mpp)):
+            raise ValueError(f"{self.path}: slide_mpp (the level-0 µm/px override) {problem}")
         self._mpp_override = slide_mpp
         self.vendor = "unknown"
         self.properties = {}
@@ -103,12 +103,15 @@ class Slide(abc.ABC):
 
     @property
     def mpp(self) -> float:
-        """Level-0 µm/px: the override if one was given, else the file's; never a guess."""
+        """Level-0 µm/px: the override if one was given, else the file's; never a guess, and
+        never a value no scan has (:data:`~histoscope.io.mpp.MPP_RANGE`)."""
         if self._mpp_override is not None:
             return self._mpp_override
         mpp = self.metadata_mpp
         if mpp is None:
             raise MissingMppError(self.path)
+        if problem := mpp_problem(mpp):
+            raise ImplausibleMppError(self.path, problem)
         return mpp
 
     @property
@@ -251,7 +254,7 @@ class Slide(abc.ABC):
             "backend": self.backend,
             "vendor": self.vendor,
             "dimensions": list(self.dimensions),
-            "mpp": self.mpp if self.has_mpp else None,
+            "mpp": self._mpp_override or self.metadata_mpp,  # as given, even where implausible
             "levels": [
                 {"width": l.width, "height": l.height, "downsample": round(l.downsample, 4)}
                 for l in self.levels

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoscope.io.atomic import remove_stale_partials, write_json
+from histoscope.io.atomic import write_json
+from histoscope.io.outdir import output_folder
 from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob
 
@@ -108,31 +109,31 @@ def run_batch(
     """Run ``fn`` on every job not already done, recording each in the run report.
 
     ``fn`` runs in worker processes, so it must be picklable (a module-level
-    function or ``functools.partial`` of one) and return a JSON-able dict.
+    function or ``functools.partial`` of one) and return a JSON-able dict. The run
+    holds ``out_dir``'s lock (:func:`~histoscope.io.outdir.output_folder`).
     """
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir)
-    report = RunReport(out_dir, stage)
-    executor = executor or LocalExecutor(workers=1)
-    todo: list[SlideJob] = []
-    for job in jobs:
-        if is_done is not None and is_done(job):
-            report.skipped(job)
-        else:
-            todo.append(job)
-    report.save()
-    bar = progress_bar(len(todo), stage) if progress and todo else None
-    try:
-        for index, result in executor.map(_Timed(fn), todo):
-            job = todo[index]
-            if isinstance(result, BaseException):  # the worker itself died
-                result = {"status": "failed", "error": f"{type(result).__name__}: {result}", "seconds": None}
-            report.update(job, result)
+    with output_folder(out_dir):
+        report = RunReport(out_dir, stage)
+        executor = executor or LocalExecutor(workers=1)
+        todo: list[SlideJob] = []
+        for job in jobs:
+            if is_done is not None and is_done(job):
+                report.skipped(job)
+            else:
+                todo.append(job)
+        report.save()
+        bar = progress_bar(len(todo), stage) if progress and todo else None
+        try:
+            for index, result in executor.map(_Timed(fn), todo):
+                job = todo[index]
+                if isinstance(result, BaseException):  # the worker itself died
+                    result = {"status": "failed", "error": f"{type(result).__name__}: {result}", "seconds": None}
+                report.update(job, result)
+                if bar is not None:
+                    bar.advance(job.name, result["status"])
+        finally:
             if bar is not None:
-                bar.advance(job.name, result["status"])
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     return BatchResult({job.name: report.records[job.name] for job in jobs})
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from histoscope.encoders.preprocess import preprocess_tiles
-from histoscope.io.atomic import remove_stale_partials
 from histoscope.io.errors import SlideError
 from histoscope.io.features_h5 import FeaturesWriter, features_folder, features_path
+from histoscope.io.outdir import OutputFolderError, output_folder
 from histoscope.pipeline.batch import BatchResult, RunReport
 from histoscope.pipeline.inputs import SlideJob, collect_slides
 from histoscope.tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPP, DEFAULT_SIZE, TileGeometry, find_patches, read_patches
@@ -88,7 +88,7 @@ class _DeviceWorkers:
     """
 
     def __init__(self, params: EmbedParams):
-        self.devices = [resolve_device(d) for d in params.devices]
+        self.devices = [resolve_device(d, option="--devices") for d in params.devices]
         self.replicas = [prepare_encoder(params, device) for device in self.devices]
         self.encoder, _, self.dtype = self.replicas[0]
         self.inline = len(self.devices) == 1
@@ -148,16 +148,20 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
     jobs = collect_slides(list(slides), slide_mpp=slide_mpp)
     workers = _DeviceWorkers(params)  # first: a bad checkpoint fails before anything is written
     folder = features_folder(out_dir, params.folder_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(folder)
-    report = RunReport(folder, "embed")
-    run = _EmbedRun(report, workers, folder=folder, params=params)
     try:
-        for job in jobs:
-            run.add(job, out_dir)
-        run.stream(progress=progress)
-    finally:
-        run.close()
+        with output_folder(out_dir):
+            folder.mkdir(exist_ok=True)
+            report = RunReport(folder, "embed")
+            run = _EmbedRun(report, workers, folder=folder, params=params)
+            try:
+                for job in jobs:
+                    run.add(job, out_dir)
+                run.stream(progress=progress)
+            finally:
+                run.close()
+    except OutputFolderError:
+        workers.close()
+        raise
     return BatchResult({job.name: report.records[job.name] for job in jobs if job.name in report.records})
 
 
@@ -223,7 +227,7 @@ class _EmbedRun:
             coords_attrs={k: v for k, v in attrs.items() if k != "tissue_fraction"},
             features_attrs={"name": job.name, "encoder": self.params.encoder, "savetodir": str(self.folder),
                             "weights_sha256": encoder.weights_sha256,
-                            "weights_path": str(encoder.weights_path or ""),
+                            "weights_path": encoder.weights_source,
                             "dtype": str(self.workers.dtype).replace("torch.", ""), "embed_dim": encoder.embed_dim},
         )
         if self.writers[index].complete:  # no tiles

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import glob
 from dataclasses import dataclass
 from pathlib import Path
+
+from histoscope.io.columns import csv_reader
+from histoscope.io.mpp import mpp_problem
 
 __all__ = ["SlideJob", "collect_slides", "SLIDE_SUFFIXES"]
 
@@ -34,25 +36,28 @@ def _slide_name(path: Path) -> str:
 
 
 def _from_csv(csv_path: Path, slide_mpp: float | None) -> list[SlideJob]:
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        column = next((c for c in _PATH_COLUMNS if c in columns), None)
-        if column is None:
-            raise ValueError(f"{csv_path}: needs a slide path column, one of {_PATH_COLUMNS}; found {columns}")
-        jobs = []
-        for row_number, row in enumerate(reader, start=2):
-            path = Path(row[column])
-            if not path.is_absolute():
-                path = csv_path.parent / path
-            row_mpp = slide_mpp
-            if row.get("mpp", "").strip():
-                try:
-                    row_mpp = float(row["mpp"])
-                except ValueError:
-                    raise ValueError(f"{csv_path}:{row_number}: mpp {row['mpp']!r} is not a number") from None
-            name = (row.get("slide_id") or "").strip() or _slide_name(path)
-            jobs.append(SlideJob(path=path, name=name, slide_mpp=row_mpp))
+    reader = csv_reader(csv_path)
+    columns = reader.fieldnames or []
+    column = next((c for c in _PATH_COLUMNS if c in columns), None)
+    if column is None:
+        raise ValueError(f"{csv_path}: needs a slide path column, one of {_PATH_COLUMNS}; found {columns}")
+    jobs = []
+    for row_number, row in enumerate(reader, start=2):
+        path = Path(row[column] or "")
+        if not path.is_absolute():
+            path = csv_path.parent / path
+        row_mpp = slide_mpp
+        if (row.get("mpp") or "").strip():
+            try:
+                row_mpp = float(row["mpp"])
+            except ValueError:
+                raise ValueError(f"{csv_path}:{row_number}: mpp {row['mpp']!r} is not a number") from None
+            if problem := mpp_problem(row_mpp):
+                raise ValueError(f"{csv_path}:{row_number}: mpp {problem}; correct the `mpp` column")
+        name = (row.get("slide_id") or "").strip() or _slide_name(path)
+        jobs.append(SlideJob(path=path, name=name, slide_mpp=row_mpp))
+    if not jobs:
+        raise ValueError(f"{csv_path}: no slides (a header and no rows); add one row per slide")
     return jobs
 
 
@@ -63,8 +68,11 @@ def collect_slides(specs: list[str | Path | SlideJob], *, slide_mpp: float | Non
     A CSV needs a ``path`` column (relative paths are relative to the CSV) and may
     have ``slide_id`` and ``mpp`` (which beats ``slide_mpp`` for its row). Missing
     files are kept, so the batch reports them as failed instead of silently
-    shrinking. Duplicate output names are an error, since outputs would collide.
+    shrinking. Duplicate output names are an error, since outputs would collide, and so
+    are a folder or CSV without slides, or no slides at all: a run that would do nothing.
     """
+    if slide_mpp is not None and (problem := mpp_problem(slide_mpp)):
+        raise ValueError(f"slide_mpp (--slide-mpp) {problem}")
     jobs: list[SlideJob] = []
     for spec in specs:
         if isinstance(spec, SlideJob):  # already resolved (e.g. by an earlier stage)
@@ -76,6 +84,9 @@ def collect_slides(specs: list[str | Path | SlideJob], *, slide_mpp: float | Non
             jobs.extend(_from_csv(path, slide_mpp))
         elif path.is_dir() and not (path / "DICOMDIR").exists() and not any(path.glob("*.dcm")):
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: no slide files in this folder (looked for "
+                                        f"{', '.join(SLIDE_SUFFIXES)}); pass the folder that holds the slides")
             jobs.extend(SlideJob(p, _slide_name(p), slide_mpp) for p in found)
         elif any(ch in text for ch in "*?["):
             found = sorted(Path(p) for p in glob.glob(text, recursive=True))
@@ -84,6 +95,8 @@ def collect_slides(specs: list[str | Path | SlideJob], *, slide_mpp: float | Non
             jobs.extend(SlideJob(p, _slide_name(p), slide_mpp) for p in found)
         else:
             jobs.append(SlideJob(path, _slide_name(path), slide_mpp))
+    if not jobs:
+        raise ValueError("no slides given: pass slide files, folders, glob patterns or CSV files")
     seen: dict[str, Path] = {}
     for job in jobs:
         if job.name in seen and seen[job.name] != job.path:

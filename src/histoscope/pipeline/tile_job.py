@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from histoscope.io.mpp import mpp_problem
 from histoscope.pipeline.inputs import SlideJob
 from histoscope.tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPP, DEFAULT_SIZE
 
@@ -24,6 +25,22 @@ class TileParams:
     seg_mpp: float = 8.0
     remove_pen: bool = True
     backend: str = "auto"
+
+    def __post_init__(self):
+        from histoscope.io.open import BACKENDS
+
+        problems = [f"{name} {problem}" for name, value in (("mpp", self.mpp), ("seg_mpp", self.seg_mpp))
+                    if (problem := mpp_problem(value))]
+        if not self.size >= 1:
+            problems.append(f"size must be at least 1 px, got {self.size}")
+        elif not 0 <= self.overlap < self.size:
+            problems.append(f"overlap must be in [0, size) = [0, {self.size}) px, got {self.overlap}")
+        if not 0 <= self.min_tissue <= 1:
+            problems.append(f"min_tissue must be a fraction in [0, 1], got {self.min_tissue}")
+        if self.backend not in BACKENDS:
+            problems.append(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if problems:
+            raise ValueError("tiling parameters: " + "; ".join(problems))
 
 
 def _stored_params(params: TileParams) -> dict[str, Any]:

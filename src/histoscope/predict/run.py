@@ -25,7 +25,8 @@ import torch
 
 from histoscope.io.atomic import write_image, write_json
 from histoscope.io.columns import write_columns
-from histoscope.io.features_h5 import features_path, read_features
+from histoscope.io.features_h5 import FeaturesError, check_finite, features_path, read_features
+from histoscope.io.outdir import output_folder
 from histoscope.pipeline.batch import BatchResult, run_batch
 from histoscope.pipeline.executors import LocalExecutor
 from histoscope.pipeline.inputs import SlideJob, collect_slides
@@ -50,13 +51,17 @@ def _predict_one(job: SlideJob, *, trained: TrainedModel, features_dir: Path, ou
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no features file for slide {job.name!r}")
     features, coords, attrs = read_features(path)
-    if features.ndim != 2 or features.shape[1] != trained.meta["in_dim"] or len(features) == 0:
-        raise ValueError(f"{path}: features of shape {features.shape}; the model expects (N > 0, "
-                         f"{trained.meta['in_dim']})")
+    if features.shape[1] != trained.meta["in_dim"] or len(features) == 0:
+        raise FeaturesError(path, f"features of shape {features.shape}; the model expects (N > 0, "
+                                  f"{trained.meta['in_dim']}): tiles embedded by the encoder it was trained on")
+    check_finite(path, features)
     batch_features, batch_coords, mask = collate_bags([(features, coords)])
     with torch.no_grad(), autocast(device, dtype):
         output = trained.model(batch_features.to(device), batch_coords.to(device), mask.to(device))
     logits = output.logits.float().cpu().numpy().astype(np.float64)
+    if not np.isfinite(logits).all():
+        raise FloatingPointError(f"{path}: the model's outputs are NaN or Inf for these features; try "
+                                 "--precision fp32 (fp16 overflows on large features)")
     prediction = {k: (v[0].item() if isinstance(v[0], np.generic) else v[0])
                   for k, v in trained.outputs.columns(logits).items()}
     record: dict[str, Any] = {"prediction": prediction, "tiles": len(features)}
@@ -128,20 +133,23 @@ def predict_slides(
         jobs = [SlideJob(p, p.stem) for p in sorted(features_dir.glob("*.h5"))]
         with_images = False
     if not jobs:
-        raise FileNotFoundError(f"no slides to predict (features folder {features_dir})")
+        raise FileNotFoundError(f"{features_dir}: no features files (*.h5) to predict; pass the folder histoscope "
+                                "embed wrote (OUT/features_<encoder>) to --features")
     fn = functools.partial(_predict_one, trained=trained, features_dir=features_dir, out_dir=out_dir,
                            with_images=with_images, top_k=top_k, thumbnail_size=thumbnail_size,
                            device=torch_device, dtype=resolve_dtype(precision, torch_device),
                            object_type=object_type)
-    result = run_batch(jobs, fn, out_dir=out_dir, stage="predict", executor=LocalExecutor(workers=0),
-                       progress=progress)
-
-    done = [(name, r) for name, r in result.records.items() if r["status"] == "ok"]
-    rows = [{"slide_id": name, **r["prediction"]} for name, r in done]
-    write_json(predictions_path(out_dir, ".json"), {
-        "checkpoint": str(checkpoint), "model": trained.meta["histoscope_model"], "task": trained.meta["task"],
-        "slides": rows, "failed": {name: result.records[name].get("error") for name in result.failed},
-    })
-    if rows:
-        write_columns(predictions_path(out_dir), {k: [row.get(k) for row in rows] for k in rows[0]})
+    with output_folder(out_dir):
+        result = run_batch(jobs, fn, out_dir=out_dir, stage="predict", executor=LocalExecutor(workers=0),
+                           progress=progress)
+        done = [(name, r) for name, r in result.records.items() if r["status"] == "ok"]
+        rows = [{"slide_id": name, **r["prediction"]} for name, r in done]
+        write_json(predictions_path(out_dir, ".json"), {
+            "checkpoint": str(checkpoint), "model": trained.meta["histoscope_model"], "task": trained.meta["task"],
+            "slides": rows, "failed": {name: result.records[name].get("error") for name in result.failed},
+        })
+        if rows:
+            write_columns(predictions_path(out_dir), {k: [row.get(k) for row in rows] for k in rows[0]})
+        else:  # an earlier run's table would pass for this run's
+            predictions_path(out_dir).unlink(missing_ok=True)
     return result

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from histoscope.io.mpp import mpp_problem
+
 __all__ = ["DEFAULT_MPP", "DEFAULT_SIZE", "TileGeometry"]
 
 # The resolution and tile of most pathology foundation models (20x: UNI, Prov-GigaPath, Virchow).
@@ -45,6 +47,8 @@ class TileGeometry:
         """Tiles of ``size`` px at ``mpp`` µm/px on ``slide`` (a :class:`~histoscope.io.Slide`)."""
         if size <= 0:
             raise ValueError(f"tile size must be positive, got {size}")
+        if problem := mpp_problem(mpp):
+            raise ValueError(f"the target resolution (mpp) of tiles {problem}")
         level0_mpp = slide.mpp
         read_level, read_size = slide.read_plan(size, mpp)
         return cls(size=int(size), mpp=float(mpp), size_level0=max(1, round(size * mpp / level0_mpp)),

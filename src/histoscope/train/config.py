@@ -187,7 +187,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {override!r} is not key=value")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML; quote it, e.g. "
+                              f"{key.strip()}='\"{text}\"'") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -203,6 +207,21 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte at offset {error.start}); save the recipe as UTF-8") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}; fix the recipe (a mapping of key: value "
+                          "lines)") from None
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A validated :class:`TrainConfig` from a YAML recipe (optional) and overrides.
 
@@ -210,14 +229,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     --------
     >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
     """
-    import yaml
-
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such recipe file")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe is a YAML mapping of keys to values")
     return TrainConfig.from_dict(apply_overrides(data, list(overrides or []))).validate()

@@ -29,12 +29,13 @@ from histoscope.eval.plots import plot_kaplan_meier, plot_regression, plot_roc
 from histoscope.eval.report import evaluate, results_markdown, summarise
 from histoscope.io.atomic import atomic_path, write_json
 from histoscope.io.columns import read_columns, write_columns
-from histoscope.io.features_h5 import features_path
+from histoscope.io.features_h5 import check_features, features_path
+from histoscope.io.outdir import output_folder
 from histoscope.slide import get_slide_model_spec, load_slide_model
 from histoscope.slide.trained import save_trained_model
 from histoscope.train.checkpoint import resolved_arch
 from histoscope.train.config import ConfigError, TrainConfig
-from histoscope.train.data import BagDataset, FeatureCache, features_dim, features_geometry, read_table
+from histoscope.train.data import BagDataset, FeatureCache, features_geometry, read_table
 from histoscope.train.loop import derived_seed, fit, predict_bags
 from histoscope.train.optim import freeze_encoder
 from histoscope.train.splits import make_splits
@@ -100,9 +101,8 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
     config.validate()
     log = log or (lambda message: None)
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, config, overwrite)
 
+    # Everything the run reads is checked before anything is written.
     samples = read_table(config.csv, task=config.task, label_column=config.label_column)
     features_dir = Path(config.features_dir)
     paths = [features_path(features_dir, s.slide_id) for s in samples]
@@ -110,38 +110,51 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
     if missing:
         raise FileNotFoundError(f"{features_dir}: {len(missing)} of {len(paths)} slides have no features file "
                                 f"(e.g. {', '.join(missing[:5])})")
-    in_dim = features_dim(paths[0])
+    in_dim = _check_bags(paths)
+    if config.init_weights and not Path(config.init_weights).is_file():
+        raise FileNotFoundError(f"{config.init_weights}: no such checkpoint file (init_weights)")
+    arch = resolved_arch(config.model, tiny=config.tiny, model_args=config.model_args)
     base_task = make_task(config, samples)
     splits = make_splits(samples, base_task.strata(samples), folds=config.folds, val_fraction=config.val_fraction,
                          seed=config.seed)
-    roles = {"slide_id": [], "patient_id": [], "fold": [], "role": []}
-    for split in splits:
-        for role in ("train", "val", "test"):
-            for i in getattr(split, role):
-                for key, value in zip(roles, (samples[i].slide_id, samples[i].patient_id, split.fold, role)):
-                    roles[key].append(value)
-    write_columns(out / "splits.csv", roles)
-
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, option="device (--device)")
     dtype = resolve_dtype(config.precision, device)
-    dataset = BagDataset(paths, FeatureCache(int(config.cache_gb * 2**30)), max_tiles=config.max_tiles)
-    arch = resolved_arch(config.model, tiny=config.tiny, model_args=config.model_args)
     geometry = features_geometry(paths[0])
     if "tile_size" in arch and "tile_size" not in config.model_args and geometry is not None:
         # Position-aware models (LongNet, HIPT) index tiles on their level-0 grid: 0.5 µm/px
         # tiles cut from a 0.25 µm/px scan step by 512, not by the 256 of their pixels.
         arch["tile_size"] = geometry.size_level0
-    log(f"{len(samples)} slides, {len({s.patient_id for s in samples})} patients, {len(splits)} folds, "
-        f"D={in_dim}, model {config.model}, device {device}, {dtype}")
 
-    fold_results = []
-    for number, split in enumerate(splits):
-        done = fold_dir(out, split.fold) / "fold_done.json"
-        if not done.exists():
-            _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype, fold_dir(out, split.fold),
-                      log, on_epoch_end)
-        fold_results.append(json.loads(done.read_text()))
-    return _summarise(out, config, base_task, fold_results)
+    with output_folder(out):
+        _check_config(out, config, overwrite)
+        roles = {"slide_id": [], "patient_id": [], "fold": [], "role": []}
+        for split in splits:
+            for role in ("train", "val", "test"):
+                for i in getattr(split, role):
+                    for key, value in zip(roles, (samples[i].slide_id, samples[i].patient_id, split.fold, role)):
+                        roles[key].append(value)
+        write_columns(out / "splits.csv", roles)
+        dataset = BagDataset(paths, FeatureCache(int(config.cache_gb * 2**30)), max_tiles=config.max_tiles)
+        log(f"{len(samples)} slides, {len({s.patient_id for s in samples})} patients, {len(splits)} folds, "
+            f"D={in_dim}, model {config.model}, device {device}, {dtype}")
+
+        fold_results = []
+        for number, split in enumerate(splits):
+            done = fold_dir(out, split.fold) / "fold_done.json"
+            if not done.exists():
+                _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype,
+                          fold_dir(out, split.fold), log, on_epoch_end)
+            fold_results.append(json.loads(done.read_text()))
+        return _summarise(out, config, base_task, fold_results)
+
+
+def _check_bags(paths: list[Path]) -> int:
+    """D of a cohort's features files, after checking every one: readable, with tiles and
+    their coordinates, finite, all of one dim (:func:`~histoscope.io.features_h5.check_features`)."""
+    dim = None
+    for path in paths:
+        _, dim = check_features(path, dim=dim)
+    return dim
 
 
 def _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype, folder: Path, log,

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-__all__ = ["resolve_device", "best_dtype", "resolve_dtype", "cpu_has_bf16", "autocast"]
+__all__ = ["DeviceError", "resolve_device", "best_dtype", "resolve_dtype", "cpu_has_bf16", "autocast"]
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -24,13 +24,31 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → the first CUDA device if there is one, else the CPU."""
+class DeviceError(ValueError):
+    """A device that is not a device name, or that this machine does not have."""
+
+
+def resolve_device(device: str | torch.device = "auto", *, option: str = "--device") -> torch.device:
+    """``auto`` → the first CUDA device if there is one, else the CPU.
+
+    ``option`` names where the value came from (a command-line flag or recipe key), for
+    the message of the :class:`DeviceError` raised when the machine lacks the device.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise DeviceError(f"{option} {device!r} is not a device (auto, cpu, cuda, cuda:1, mps): "
+                          f"{str(error).splitlines()[0]}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} requested but CUDA is not available on this machine; use --device cpu")
+        raise DeviceError(f"{option} {device}: CUDA is not available on this machine (no GPU, or torch built "
+                          f"without CUDA); pass {option} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{option} {device}: MPS is not available on this machine; pass {option} cpu")
     return device
 
 
