@@ -10,11 +10,10 @@ import pathlib
 
 import pytest
 import torch
-import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from histoscope.cli.slide_cmds import register
+from histoscope.cli.main import app
 from histoscope.encoders import CorruptWeightsError, load_tile_encoder
 from histoscope.io.checkpoint import CheckpointError, checkpoint_kind, read_checkpoint
 from histoscope.slide import SlideWeightsError, load_slide_model
@@ -176,8 +175,6 @@ def test_cli_predict_with_a_bad_checkpoint_fails_in_one_line(content, tmp_path):
         path.write_text("slide_id,label\n")
     else:
         _train_state(path)
-    app = typer.Typer()
-    register(app)
     result = CliRunner().invoke(app, ["predict", "-c", str(path), "-f", str(tmp_path), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()

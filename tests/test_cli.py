@@ -70,10 +70,11 @@ def test_demo_tiles_and_embeds_its_sample_slide(tmp_path):
     features, feature_coords, feature_attrs = read_features(out / "features_demo_vit_small_random" / "sample.h5")
     assert len(coords) > 0 and features.shape == (len(coords), 384) and np.isfinite(features).all()
     np.testing.assert_array_equal(feature_coords, coords)
-    assert feature_attrs["encoder"] == "timm:vit_small_patch16_224"
-    # A rerun keeps the tiles; random weights are never "the same weights", so it embeds again.
+    assert feature_attrs["encoder"] == "timm:vit_small_patch16_224" and feature_attrs["weights_path"] == "random:0"
+    # A rerun keeps the tiles, and the random weights are seeded (seed 0): the same weights, so
+    # it keeps the features too.
     again = runner.invoke(app, ["demo", "--out", str(out), "--workers", "0"])
     assert again.exit_code == 0, again.output
     tile_line, embed_line = [line for line in again.output.splitlines() if "slide(s) ok" in line]
-    assert "(1 already done)" in tile_line and "(0 already done)" in embed_line
-    assert read_features(out / "features_demo_vit_small_random" / "sample.h5")[0].shape == features.shape
+    assert "(1 already done)" in tile_line and "(1 already done)" in embed_line
+    np.testing.assert_array_equal(read_features(out / "features_demo_vit_small_random" / "sample.h5")[0], features)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from histoscope.cli.slide_cmds import register
+from histoscope.cli.main import app
 from histoscope.slide import SlideWeightsError, get_slide_model_spec, load_slide_model
 from histoscope.slide.trained import load_trained_model
 from histoscope.train import ConfigError, load_recipe, train
@@ -146,8 +145,6 @@ def test_cli_train_with_an_unfit_init_checkpoint_fails_in_one_line(problem, coho
     if problem == "truncated":
         init = tmp_path / "cut.pth"
         init.write_bytes(published.read_bytes()[:1000])
-    app = typer.Typer()
-    register(app)
     args = [f"csv={cohort.csv}", f"features_dir={cohort.features_dir}", f"out_dir={tmp_path / 'run'}",
             f"init_weights={init}", "tiny=true", "model_args.feat_layers=[1]", "device=cpu", "new_head=false"]
     result = CliRunner().invoke(app, ["train", str(RECIPE), *args])

@@ -8,13 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from matplotlib import colormaps
 from PIL import Image
 from typer.testing import CliRunner
 
 from histoscope import open_slide
-from histoscope.cli.slide_cmds import register
+from histoscope.cli.main import app
 from histoscope.io.features_h5 import read_features, write_features
 from histoscope.io.sample import make_sample_slide
 from histoscope.predict import paint_heatmap, percentile_scores, predict_slides, tiles_geojson
@@ -142,8 +141,6 @@ def test_bad_slides_are_reported_and_the_rest_finish(setup, tmp_path):
 
 
 def test_cli_predict_exit_codes(setup, tmp_path):
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
     slides = setup["slides"]
     args = ["predict", "-c", str(setup["checkpoint"]), "-f", str(setup["features"]), "--top-k", "1",

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 import yaml
 from typer.testing import CliRunner
 
-from histoscope.cli.slide_cmds import register
+from histoscope.cli.main import app
 from histoscope.io.features_h5 import read_features, write_features
 from histoscope.slide import list_slide_models, load_slide_model
 from histoscope.io.columns import read_columns
@@ -120,8 +119,6 @@ def test_cli_train_with_recipe_and_overrides(mil, tmp_path):
     recipe.write_text(yaml.safe_dump({"task": "classification", "csv": str(mil.csv),
                                       "features_dir": str(mil.features_dir), "model": "abmil_gated",
                                       "tiny": True, "epochs": 3, "precision": "fp32", "device": "cpu"}))
-    app = typer.Typer()
-    register(app)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(recipe), "epochs=20", "lr=5e-3", "bootstrap=200",
                                       "--out", str(out), "--quiet"])

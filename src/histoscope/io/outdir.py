@@ -93,6 +93,10 @@ def output_folder(path: str | Path) -> Iterator[Path]:
         remove_stale_partials(path)
     try:
         yield path
+    except BaseException:
+        if _held[key][1] == 1:  # the run is ending early and its workers are stopped: drop what they left
+            remove_stale_partials(path)
+        raise
     finally:
         _held[key][1] -= 1
         if not _held[key][1]:

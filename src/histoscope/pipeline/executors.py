@@ -10,10 +10,14 @@ same ``map`` for clusters.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing as mp
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
+
+from histoscope.utils.processes import die_with
 
 __all__ = ["Executor", "LocalExecutor", "WorkerCrashed", "get_executor"]
 
@@ -56,12 +60,13 @@ class LocalExecutor:
         yield from self._map_pool(fn, list(items))
 
     def _pool(self, workers: int) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(self.start_method))
+        # Workers end with this process however it ends, even by SIGKILL (utils/processes.py).
+        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(self.start_method),
+                                      initializer=die_with, initargs=(os.getpid(),))
 
     def _map_pool(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[tuple[int, Any]]:
         suspects: list[int] = []
-        pool = self._pool(min(self.workers, max(1, len(items))))
-        try:
+        with _stopped_on_interrupt(self._pool(min(self.workers, max(1, len(items))))) as pool:
             futures = {pool.submit(fn, item): index for index, item in enumerate(items)}
             for future in cf.as_completed(futures):
                 index = futures[future]
@@ -71,19 +76,31 @@ class LocalExecutor:
                     suspects.append(index)
                 except Exception as error:
                     yield index, error
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
         # A dead worker breaks every pending future; rerun those alone to find the culprit.
         for index in sorted(suspects):
-            pool = self._pool(1)
-            try:
-                yield index, pool.submit(fn, items[index]).result()
-            except BrokenProcessPool:
-                yield index, WorkerCrashed("worker process died while processing this item (crash in a native library?)")
-            except Exception as error:
-                yield index, error
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            with _stopped_on_interrupt(self._pool(1)) as pool:
+                try:
+                    yield index, pool.submit(fn, items[index]).result()
+                except BrokenProcessPool:
+                    yield index, WorkerCrashed("worker process died while processing this item "
+                                               "(crash in a native library?)")
+                except Exception as error:
+                    yield index, error
+
+
+@contextlib.contextmanager
+def _stopped_on_interrupt(pool: cf.ProcessPoolExecutor) -> Iterator[cf.ProcessPoolExecutor]:
+    """Shut ``pool`` down after the block; if the block is left by an exception (Ctrl-C,
+    SIGTERM, the consumer giving up), stop its workers first instead of waiting for
+    the items they are working on."""
+    try:
+        yield pool
+    except BaseException:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def get_executor(name: str = "local", **options: Any) -> Executor:

@@ -9,6 +9,8 @@ the loader, so one bad slide never stops a batch.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
+from histoscope.utils.processes import die_with
 
 __all__ = ["TileSource", "TileStream", "tile_loader"]
 
@@ -92,7 +95,8 @@ def tile_loader(sources: Sequence[TileSource], *, chunk_size: int = 64, num_work
     stream = TileStream(sources, chunk_size=chunk_size, transform=transform)
     options: dict[str, Any] = {}
     if num_workers > 0:
-        options = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": _single_threaded,
+        options = {"prefetch_factor": prefetch, "persistent_workers": False,
+                   "worker_init_fn": functools.partial(_init_worker, os.getpid()),
                    "multiprocessing_context": _worker_context()}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, **options)
 
@@ -108,6 +112,14 @@ def _worker_context():
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["histoscope.tiling.dataset", "histoscope.encoders.preprocess", "cv2"])
     return context
+
+
+def _init_worker(run_pid: int, worker_id: int) -> None:
+    """Each decoding worker runs on one core and ends with the run that started it: its
+    parent is the forkserver, which would otherwise keep it (and itself) alive after the
+    run is killed."""
+    die_with(run_pid)
+    _single_threaded(worker_id)
 
 
 def _single_threaded(_worker_id: int) -> None:

@@ -40,8 +40,9 @@ class Polygon:
 
 
 def _signed_area(ring: np.ndarray) -> float:
+    """Shoelace area of an open ring (K, 2) x, y: positive counter-clockwise in (x, y)."""
     x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) + x[-1] * y[0] - x[0] * y[-1])
 
 
 @dataclass(frozen=True)
@@ -92,50 +93,52 @@ class TissueMask:
         # Padding closes rings that touch the mask edge. Marching squares at 0.5 puts
         # rings on the true tissue edge, so outlines and holes are treated alike
         # (pixel-centre tracing would shrink tissue and grow holes by half a pixel).
-        padded = np.pad(self.mask, 1).astype(np.float32)
+        padded = np.pad(self.mask, 1).astype(np.uint8)
+        # Tissue pieces, 8-connected as the contours below treat them: (h + 2, w + 2) int32, 0 glass.
+        _, pieces = cv2.connectedComponents(padded, connectivity=8)
         exteriors: list[np.ndarray] = []
         holes: list[np.ndarray] = []
-        for ring in find_contours(padded, 0.5, fully_connected="high", positive_orientation="high"):
-            ring = ring[:-1, ::-1] - 1.0  # (K, 2) x, y in mask pixel-centre units, open
+        exterior_pieces: list[int] = []
+        hole_pieces: list[int] = []
+        for traced in find_contours(padded.astype(np.float32), 0.5, fully_connected="high",
+                                    positive_orientation="high"):
+            piece = _piece_of(traced, pieces)
+            ring = traced[:-1, ::-1] - 1.0  # (K, 2) x, y in mask pixel-centre units, open
             if tolerance > 0 and len(ring) > 3:
                 ring = cv2.approxPolyDP(ring.astype(np.float32)[:, None], tolerance, True)[:, 0].astype(np.float64)
             if len(ring) < 3:
                 continue
             # With positive_orientation="high" tissue outlines come out with negative
             # shoelace area in (x, y) and hole outlines positive; flip both for RFC 7946.
-            area = _signed_area(ring)
-            (exteriors if area < 0 else holes).append(ring[::-1])
-        parents = self._assign_holes(exteriors, holes)
+            if _signed_area(ring) < 0:
+                exteriors.append(ring[::-1])
+                exterior_pieces.append(piece)
+            else:
+                holes.append(ring[::-1])
+                hole_pieces.append(piece)
+        parents = self._assign_holes(exterior_pieces, hole_pieces)
+        children: list[list[int]] = [[] for _ in exteriors]
+        for k, parent in enumerate(parents):
+            if parent >= 0:
+                children[parent].append(k)
         scale = self.downsample
         return [
-            Polygon(
-                exterior=(ext + 0.5) * scale,
-                holes=tuple((holes[k] + 0.5) * scale for k in range(len(holes)) if parents[k] == i),
-            )
+            Polygon(exterior=(ext + 0.5) * scale, holes=tuple((holes[k] + 0.5) * scale for k in children[i]))
             for i, ext in enumerate(exteriors)
         ]
 
     @staticmethod
-    def _assign_holes(exteriors: list[np.ndarray], holes: list[np.ndarray]) -> list[int]:
-        """Index of the innermost exterior around each hole (-1 if none, which a
-        padded mask cannot produce)."""
-        import cv2
+    def _assign_holes(exterior_pieces: list[int], hole_pieces: list[int]) -> list[int]:
+        """Index of the exterior around each hole (-1 if none, which a padded mask cannot
+        produce), given the tissue piece each ring bounds.
 
-        areas = [abs(_signed_area(e)) for e in exteriors]
-        order = np.argsort(areas)  # smallest first: the first that contains it is the parent
-        parents = []
-        for hole in holes:
-            # A hole's mean vertex can fall outside it (crescents); its first vertex
-            # lies on the hole edge, strictly inside the parent's exterior.
-            point = (float(hole[0, 0]), float(hole[0, 1]))
-            parent = -1
-            for i in order:
-                if cv2.pointPolygonTest(exteriors[i].astype(np.float32)[:, None], point, False) > 0:
-                    parent = int(i)
-                    break
-            parents.append(parent)
-        return parents
-
+        A hole is glass inside one tissue piece, and its ring runs along that piece only
+        (pieces lying in the hole are rings of their own), so its parent is the exterior
+        of the same piece: one dictionary lookup per hole, where testing holes against
+        exteriors would be quadratic in their number (thousands on a noisy mask).
+        """
+        exterior_of = {piece: i for i, piece in enumerate(exterior_pieces)}
+        return [exterior_of.get(piece, -1) for piece in hole_pieces]
     def to_geojson(self, *, name: str = "Tissue", color: tuple[int, int, int] = (0, 200, 0)) -> dict[str, Any]:
         """A GeoJSON FeatureCollection QuPath imports as annotations (level-0 pixels)."""
         from histoscope.tissue.geojson import polygons_to_geojson
@@ -203,6 +206,16 @@ class TissueMask:
         geometry = json.loads(text)
         return cls(mask=mask, mpp=float(geometry["mpp"]), downsample=float(geometry["downsample"]),
                    level0_size=tuple(int(v) for v in geometry["level0_size"]))
+
+
+def _piece_of(ring: np.ndarray, pieces: np.ndarray) -> int:
+    """The tissue piece a traced ring bounds: the label of the tissue pixel beside its
+    first vertex. ``ring`` (K, 2) is in (row, col) of ``pieces``; marching squares at 0.5
+    on a 0/1 image puts each vertex half-way between a tissue and a glass pixel."""
+    row, col = ring[0]
+    first = pieces[int(np.floor(row)), int(np.floor(col))]
+    second = pieces[int(np.ceil(row)), int(np.ceil(col))]
+    return int(max(first, second))
 
 
 def _integral_at(integral: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
