@@ -11,13 +11,13 @@ resumed at any epoch sees exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import csv
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from histoscope.io.columns import csv_reader
 from histoscope.io.features_h5 import read_coords_attrs, read_features
 from histoscope.tiling.geometry import TileGeometry
 
@@ -56,51 +56,50 @@ def read_table(path: str | Path, *, task: str, label_column: str = "label") -> l
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such slide table")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        needed = ["slide_id"] + (["time", "event"] if task == "survival" else [label_column])
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise ValueError(f"{path}: a {task} table needs columns {needed}; missing {missing} (has {columns})")
-        samples, seen = [], set()
-        for row_number, row in enumerate(reader, start=2):
-            where = f"{path}:{row_number}"
-            slide_id = (row["slide_id"] or "").strip()
-            if not slide_id:
-                raise ValueError(f"{where}: empty slide_id")
-            if slide_id in seen:
-                raise ValueError(f"{where}: slide {slide_id!r} appears twice")
-            seen.add(slide_id)
-            values = {key: (row.get(key) or "").strip() or None for key in ("patient_id", "fold", "split")}
-            if values["split"] is not None:
-                values["split"] = values["split"].lower()
-                if values["split"] not in ("train", "val", "test"):
-                    raise ValueError(f"{where}: split {values['split']!r} must be train, val or test")
-            if task == "survival":
+    reader = csv_reader(path)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    reader.fieldnames = columns
+    needed = ["slide_id"] + (["time", "event"] if task == "survival" else [label_column])
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: a {task} table needs columns {needed}; missing {missing} (has {columns})")
+    samples, seen = [], set()
+    for row_number, row in enumerate(reader, start=2):
+        where = f"{path}:{row_number}"
+        slide_id = (row["slide_id"] or "").strip()
+        if not slide_id:
+            raise ValueError(f"{where}: empty slide_id")
+        if slide_id in seen:
+            raise ValueError(f"{where}: slide {slide_id!r} appears twice")
+        seen.add(slide_id)
+        values = {key: (row.get(key) or "").strip() or None for key in ("patient_id", "fold", "split")}
+        if values["split"] is not None:
+            values["split"] = values["split"].lower()
+            if values["split"] not in ("train", "val", "test"):
+                raise ValueError(f"{where}: split {values['split']!r} must be train, val or test")
+        if task == "survival":
+            try:
+                time = float(row["time"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: time {row['time']!r} is not a number") from None
+            if not time >= 0:
+                raise ValueError(f"{where}: time must be >= 0, got {time}")
+            sample = Sample(slide_id, values["patient_id"] or slide_id, time=time,
+                            event=_event(row["event"] or "", where), fold=values["fold"], split=values["split"])
+        else:
+            label = (row[label_column] or "").strip()
+            if not label:
+                raise ValueError(f"{where}: empty {label_column}")
+            if task == "regression":
                 try:
-                    time = float(row["time"])
-                except (TypeError, ValueError):
-                    raise ValueError(f"{where}: time {row['time']!r} is not a number") from None
-                if not time >= 0:
-                    raise ValueError(f"{where}: time must be >= 0, got {time}")
-                sample = Sample(slide_id, values["patient_id"] or slide_id, time=time,
-                                event=_event(row["event"] or "", where), fold=values["fold"], split=values["split"])
-            else:
-                label = (row[label_column] or "").strip()
-                if not label:
-                    raise ValueError(f"{where}: empty {label_column}")
-                if task == "regression":
-                    try:
-                        float(label)
-                    except ValueError:
-                        raise ValueError(f"{where}: {label_column} {label!r} is not a number") from None
-                sample = Sample(slide_id, values["patient_id"] or slide_id, label=label, fold=values["fold"],
-                                split=values["split"])
-            samples.append(sample)
+                    float(label)
+                except ValueError:
+                    raise ValueError(f"{where}: {label_column} {label!r} is not a number") from None
+            sample = Sample(slide_id, values["patient_id"] or slide_id, label=label, fold=values["fold"],
+                            split=values["split"])
+        samples.append(sample)
     if not samples:
-        raise ValueError(f"{path}: no slides")
+        raise ValueError(f"{path}: no slides (a header and no rows); add one row per slide")
     return samples
 
 
