@@ -266,6 +266,14 @@ def test_broken_yaml_recipe(root, tmp_path):
     input_error(runner.invoke(app, ["train", "csv=a.csv", "epochs=[1"]), "epochs=[1", "quote")
 
 
+def test_messages_keep_their_quotes(root, tmp_path):
+    out = tmp_path / "run"
+    line = input_error(runner.invoke(app, [*_train_args(root, root / "cohort" / "features_synthetic", out),
+                                           "model=abmill"]), "'abmill'", "did you mean abmil")
+    assert line.startswith("error: unknown slide model 'abmill'")
+    assert not out.exists()
+
+
 def _nan(path: Path) -> None:
     with h5py.File(path, "r+") as f:
         values = f["features"][:]

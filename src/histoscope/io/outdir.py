@@ -5,7 +5,9 @@ file, or a folder that cannot be written, is an error naming it), takes an exclu
 lock on ``OUT/.histoscope.lock`` and only then deletes the temporary files of killed
 runs, which are certainly stale once no other run holds the lock. The lock is an
 ``fcntl`` lock, so the kernel releases it when its process ends, however it ends; a
-second run into the same folder stops at once with the PID of the first.
+second run into the same folder stops at once with the PID of the first. A run that
+ends by an exception (Ctrl-C, SIGTERM) removes the temporary files it leaves, once
+its workers are stopped.
 """
 
 from __future__ import annotations
