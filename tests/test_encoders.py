@@ -680,8 +680,8 @@ def test_empty_offline_cache_explains_gating_and_the_fixes():
 
 def test_random_weights_only_when_asked():
     encoder = load_tile_encoder("uni", weights="random", dtype=torch.bfloat16, **TINY_VIT)
-    assert encoder.weights_path is None and encoder.weights_sha256 is None
-    assert "weights='random'" in repr(encoder)
+    assert encoder.weights_path is None and len(encoder.weights_sha256) == 64  # of the seeded state dict
+    assert "weights='random:0'" in repr(encoder)
     assert encoder(torch.zeros(1, 3, 224, 224)).dtype == torch.bfloat16  # float32 input is cast
 
 

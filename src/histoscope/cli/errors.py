@@ -15,6 +15,7 @@ Anything else is a bug in histoscope and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import signal
 import threading
 from collections.abc import Iterator
@@ -89,6 +90,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
+        # Ctrl-C reaches the workers too (one process group); SIGTERM reaches this process
+        # only, so stop them here, before unwinding can talk to a half-stopped worker.
+        for child in multiprocessing.active_children():
+            child.kill()
         raise _Interrupted()
 
     previous = signal.signal(signal.SIGTERM, interrupt)

@@ -22,7 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
 SlidesArg = Annotated[list[str], typer.Argument(help="Slide files, folders, glob patterns or CSV files (path[, slide_id, mpp]).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=0, help="Worker processes (0: run in this process).")]
@@ -50,9 +49,10 @@ def info(
     w, h = data["dimensions"]
     typer.echo(f"  dimensions  {w} x {h} px")
     mpp = data["mpp"]
-    problem = mpp_problem(mpp) if mpp else None
-    typer.echo(f"  mpp         {mpp:.4f} µm/px" + (" (implausible: pass --slide-mpp)" if problem else "") if mpp
-               else "  mpp         unknown (pass --slide-mpp)")
+    if mpp is None:
+        typer.echo("  mpp         unknown (pass --slide-mpp)")
+    else:
+        typer.echo(f"  mpp         {mpp:.4f} µm/px" + (" (implausible: pass --slide-mpp)" if mpp_problem(mpp) else ""))
     for i, level in enumerate(data["levels"]):
         typer.echo(f"  level {i}     {level['width']} x {level['height']}  downsample {level['downsample']}")
     typer.echo(f"  associated  {', '.join(data['associated_images']) or '-'}")
