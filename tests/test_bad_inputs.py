@@ -340,6 +340,22 @@ def test_predict_with_a_bad_checkpoint_is_one_line(root, tmp_path, content):
     assert not (tmp_path / "p").exists()
 
 
+def test_embeddings_that_are_not_finite_fail_their_slide(root, tmp_path):
+    encoder = load_tile_encoder("uni", weights="random", **TINY_UNI)
+    state = encoder.model.state_dict()
+    state["norm.weight"][0] = float("nan")  # every embedding gets a NaN, as an fp16 overflow would
+    torch.save(state, tmp_path / "nan.bin")
+    out = tmp_path / "out"
+    (out / "patches").mkdir(parents=True)
+    for path in (root / "out" / "patches").glob("*.h5"):
+        (out / "patches" / path.name).write_bytes(path.read_bytes())
+    result = runner.invoke(app, ["embed", str(root / "slides"), "-o", str(out), "--encoder", "uni", "--weights",
+                                 str(tmp_path / "nan.bin"), "--devices", "cpu", "--workers", "0", *TINY_ARCH])
+    failed = batch_failed(result)
+    assert len(failed) == 2 and all("NaN or Inf embeddings" in line and "--dtype fp32" in line for line in failed)
+    assert not list((out / "features_uni").glob("*.h5"))
+
+
 # ---- random weights are seeded -----------------------------------------------------------
 
 _BUILD = ("import sys; from histoscope.encoders import load_tile_encoder\n"

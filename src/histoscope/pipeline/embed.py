@@ -279,6 +279,10 @@ class _EmbedRun:
             if error is not None:
                 self._fail(index, f"{type(error).__name__}: {error}")
                 continue
+            if not np.isfinite(values).all():  # would become made-up predictions downstream
+                self._fail(index, f"the encoder gave NaN or Inf embeddings (tiles {rows[0]}–{rows[-1]}); "
+                                  "embed again with --dtype fp32")
+                continue
             writer = self.writers[index]
             writer.write(rows, values)
             if self.bar is not None:
