@@ -1,0 +1,197 @@
+"""The report-model registry and its one loader.
+
+An entry is a builder ``(*, lm_config: dict, resampler_config: dict, **arch) -> model``
+plus a frozen :class:`ReportModelSpec`: the published configs, where the weights live,
+how the authors' checkpoint keys map to ours and how its sizes are read off it.
+
+``load_report_model(name, weights=..., lm_config=..., resampler_config=..., **arch)``
+takes the spec's configs, replaces the sizes a checkpoint reveals, applies the
+caller's configs on top, builds, and loads the checkpoint strictly: a missing,
+unexpected or misshapen key is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ReportModelSpec", "ReportWeightsError", "get_report_model_spec", "list_report_models",
+           "load_report_model", "read_report_checkpoint", "register_report_model"]
+
+_SHOWN = 8  # keys listed per category in a mismatch report
+
+
+class ReportWeightsError(RuntimeError):
+    """A report-model checkpoint cannot be read or does not fit the model built for it."""
+
+
+@dataclass(frozen=True)
+class ReportModelSpec:
+    """One published report model: builder plus data.
+
+    ``lm_config`` holds ``transformers.BioGptConfig`` fields, ``resampler_config`` the
+    reference's resampler fields (``dim_feats, dim_model, dim_head, num_heads,
+    num_layers, num_latents``). ``convert_checkpoint`` maps the authors' state-dict
+    keys to ours (a checkpoint already in our layout passes through);
+    ``infer_config(state, lm_config, resampler_config) -> (lm_config, resampler_config)``
+    reads the sizes a (converted) checkpoint reveals, given the configs so far;
+    ``checkpoint_key`` names one of our keys as the authors do, for error messages.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    lm_config: Mapping[str, Any] = field(default_factory=dict)
+    resampler_config: Mapping[str, Any] = field(default_factory=dict)
+    convert_checkpoint: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+    infer_config: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
+    checkpoint_key: Callable[[str], str] | None = None
+    tie_keys: tuple[tuple[str, str], ...] = ()  # (copy, source): a checkpoint may leave out a tied copy
+    hf_repo: str | None = None
+    hf_filename: str | None = None
+    tokenizer: str | None = None  # Hugging Face name of the tokenizer the model was trained with
+    license: str = "unknown"
+    paper: str = ""
+
+
+_REGISTRY: dict[str, ReportModelSpec] = {}
+
+
+def register_report_model(name: str, *, description: str, lm_config: Mapping[str, Any] | None = None,
+                          resampler_config: Mapping[str, Any] | None = None, **spec_fields: Any):
+    """Decorator registering a builder ``fn(*, lm_config, resampler_config, **arch)``;
+    ``spec_fields`` are the other :class:`ReportModelSpec` fields."""
+
+    def wrap(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"report model {name!r} registered twice")
+        _REGISTRY[name] = ReportModelSpec(name, builder, description, dict(lm_config or {}),
+                                          dict(resampler_config or {}), **spec_fields)
+        return builder
+
+    return wrap
+
+
+def _ensure_registered() -> None:
+    import histoscope.language.builders  # noqa: F401  (registers the built-in models)
+
+
+def list_report_models() -> list[str]:
+    _ensure_registered()
+    return sorted(_REGISTRY)
+
+
+def get_report_model_spec(name: str) -> ReportModelSpec:
+    _ensure_registered()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown report model {name!r}{hint} Available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def load_report_model(name: str, *, weights: str | Path | None = None, lm_config: Mapping[str, Any] | None = None,
+                      resampler_config: Mapping[str, Any] | None = None, **arch: Any) -> nn.Module:
+    """Build a registered report model; with ``weights``, load a checkpoint strictly.
+
+    Parameters
+    ----------
+    name : str
+        Registry name (:func:`list_report_models`).
+    weights : path, optional
+        A checkpoint in the authors' key layout (e.g. ``histogpt-1b-6k-pruned.pth``) or
+        ours (``model.state_dict()``); ``.pth``/``.pt``/``.bin`` or ``.safetensors``.
+        None builds a randomly initialised model (for training).
+    lm_config : dict, optional
+        ``BioGptConfig`` fields overriding the spec's and the checkpoint's sizes
+        (the head count cannot be read off a checkpoint: give ``num_attention_heads``
+        when it is not the spec's or width / 64).
+    resampler_config : dict, optional
+        Resampler fields (``dim_feats, dim_model, dim_head, num_heads, num_layers,
+        num_latents``) overriding the same.
+    **arch
+        Other builder keywords (e.g. ``ff_mult``).
+    """
+    spec = get_report_model_spec(name)
+    lm, resampler = dict(spec.lm_config), dict(spec.resampler_config)
+    state = path = None
+    if weights is not None:
+        path = Path(weights)
+        state = read_report_checkpoint(path)
+        if spec.convert_checkpoint is not None:
+            state = spec.convert_checkpoint(state)
+        if spec.infer_config is not None:
+            try:
+                inferred_lm, inferred_resampler = spec.infer_config(state, lm, resampler)
+            except (KeyError, ValueError) as error:
+                raise ReportWeightsError(f"{path}: cannot read the model sizes off this checkpoint ({error}); "
+                                         f"is it a {name} checkpoint?") from error
+            lm.update(inferred_lm)
+            resampler.update(inferred_resampler)
+    lm.update(lm_config or {})
+    resampler.update(resampler_config or {})
+    model = spec.builder(lm_config=lm, resampler_config=resampler, **arch)
+    if state is not None:
+        load_state_strict(model, state, path=path, spec=spec)
+    return model
+
+
+def read_report_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or a ``torch.save`` file (tensors only; a
+    ``{"state_dict": ...}`` wrapper is opened), with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickled classes, not a checkpoint at all, …
+        raise ReportWeightsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ReportWeightsError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+    return state
+
+
+def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, path: Path | None,
+                      spec: ReportModelSpec | None = None) -> None:
+    """Load ``state`` into ``model`` only if every key and shape matches (a tied copy
+    named in ``spec.tie_keys`` may be left out); else :class:`ReportWeightsError`."""
+    where = str(path) if path is not None else "state dict"
+    label = f"{type(model).__name__}" + (f" ({spec.name})" if spec else "")
+    expected = model.state_dict()
+    state = dict(state)
+    name_of = spec.checkpoint_key if spec is not None and spec.checkpoint_key is not None else str
+    for copy, source in (spec.tie_keys if spec else ()):
+        if copy in expected and expected[copy].data_ptr() == expected[source].data_ptr():
+            if copy not in state and source in state:
+                state[copy] = state[source]
+            elif copy in state and source in state and not torch.equal(state[copy], state[source]):
+                raise ReportWeightsError(
+                    f"{where}: {name_of(copy)} differs from {name_of(source)}, but {label} ties them; for a checkpoint trained "
+                    "with an untied output projection pass lm_config={'tie_word_embeddings': False}")
+    missing = [name_of(k) for k in expected if k not in state]
+    unexpected = [name_of(k) for k in state if k not in expected]
+    misshapen = [f"{name_of(k)} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        lines = [f"{where}: does not fit {label}:"]
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+            if keys:
+                more = f", ... (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+                lines.append(f"  {len(keys)} {what} keys: {', '.join(keys[:_SHOWN])}{more}")
+        lines.append("Is it a checkpoint of this model? Sizes are read off the checkpoint; pass lm_config / "
+                     "resampler_config for what cannot be (head counts), and nothing that contradicts it.")
+        raise ReportWeightsError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
