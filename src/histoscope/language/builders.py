@@ -29,6 +29,8 @@ BIOGPT_HEAD_DIM = 64  # BioGPT and BioGPT-Large: head counts are not in a checkp
 
 _RESAMPLER_1B = {"dim_feats": 768, "dim_model": 1536, "dim_head": 96, "num_heads": 16, "num_layers": 6,
                  "num_latents": 640}
+_BIOGPT = {"vocab_size": 42384, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+           "intermediate_size": 4096, "max_position_embeddings": 1024}  # transformers' BioGptConfig() defaults
 _BIOGPT_LARGE = {"vocab_size": 57717, "hidden_size": 1600, "num_hidden_layers": 48, "num_attention_heads": 25,
                  "intermediate_size": 6400, "max_position_embeddings": 2048}
 _TIED = (("lm.output_projection.weight", "lm.biogpt.embed_tokens.weight"),)
@@ -101,10 +103,16 @@ _CHECKPOINT = {"convert_checkpoint": convert_histogpt_checkpoint, "infer_config"
                "checkpoint_key": official_key, "tie_keys": _TIED, "license": "Apache-2.0", "paper": _PAPER}
 
 
+_TINY_LM = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 64, "max_position_embeddings": 64}
+_TINY_RESAMPLER = {"dim_feats": 16, "dim_model": 24, "dim_head": 8, "num_heads": 2, "num_layers": 2, "num_latents": 6}
+
+
 @register_report_model(
     "histogpt", description="HistoGPT-1B: CTransPath features → Perceiver (640 latents) → BioGPT + gated x-attn",
-    lm_config={}, resampler_config=_RESAMPLER_1B, hf_repo="marr-peng-lab/histogpt",
-    hf_filename="histogpt-1b-6k-pruned.pth", tokenizer="microsoft/biogpt", **_CHECKPOINT)
+    lm_config=_BIOGPT, resampler_config=_RESAMPLER_1B, hf_repo="marr-peng-lab/histogpt",
+    hf_filename="histogpt-1b-6k-pruned.pth", tokenizer="microsoft/biogpt", tiny=(_TINY_LM, _TINY_RESAMPLER),
+    **_CHECKPOINT)
 def _histogpt_1b(**kwargs) -> HistoGPT:
     return histogpt(**kwargs)
 
@@ -112,16 +120,14 @@ def _histogpt_1b(**kwargs) -> HistoGPT:
 @register_report_model(
     "histogpt_3b", description="HistoGPT-3B: the same resampler with BioGPT-Large (1600 wide, 48 layers)",
     lm_config=_BIOGPT_LARGE, resampler_config=_RESAMPLER_1B, hf_repo="marr-peng-lab/histogpt",
-    hf_filename="histogpt-3b-6k-pruned.pth", tokenizer="microsoft/BioGPT-Large", **_CHECKPOINT)
+    hf_filename="histogpt-3b-6k-pruned.pth", tokenizer="microsoft/BioGPT-Large", tiny=(_TINY_LM, _TINY_RESAMPLER),
+    **_CHECKPOINT)
 def _histogpt_3b(**kwargs) -> HistoGPT:
     return histogpt(**kwargs)
 
 
 @register_report_model(
     "histogpt_test", description="tiny HistoGPT for tests (BioGPT 32 wide, 2 layers, 64-token vocabulary)",
-    lm_config={"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "intermediate_size": 64, "max_position_embeddings": 64},
-    resampler_config={"dim_feats": 16, "dim_model": 24, "dim_head": 8, "num_heads": 2, "num_layers": 2,
-                      "num_latents": 6}, **_CHECKPOINT)
+    lm_config=_TINY_LM, resampler_config=_TINY_RESAMPLER, **_CHECKPOINT)
 def _histogpt_test(**kwargs) -> HistoGPT:
     return histogpt(**kwargs)

@@ -236,6 +236,11 @@ class HistoGPT(nn.Module):
         to the config's end token (``</s>``, 2, for BioGPT, where the reference stops);
         None never stops early. ``pad_token_id`` defaults to the config's.
         """
+        longest = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
+        if longest + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"a {longest}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
+                             f"{self.config.max_position_embeddings} positions this model has learned; "
+                             "shorten the prompt or lower max_new_tokens")
         if eos_token_id is FROM_MODEL:
             eos_token_id = self.config.eos_token_id
         if pad_token_id is None:

@@ -49,6 +49,8 @@ class ReportModelSpec:
     description: str
     lm_config: Mapping[str, Any] = field(default_factory=dict)
     resampler_config: Mapping[str, Any] = field(default_factory=dict)
+    # (lm_config, resampler_config) overrides giving a CPU-test-sized variant of the same builder
+    tiny: tuple[Mapping[str, Any], Mapping[str, Any]] = ({}, {})
     convert_checkpoint: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
     infer_config: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
     checkpoint_key: Callable[[str], str] | None = None
@@ -97,7 +99,8 @@ def get_report_model_spec(name: str) -> ReportModelSpec:
 
 
 def load_report_model(name: str, *, weights: str | Path | None = None, lm_config: Mapping[str, Any] | None = None,
-                      resampler_config: Mapping[str, Any] | None = None, **arch: Any) -> nn.Module:
+                      resampler_config: Mapping[str, Any] | None = None, tiny: bool = False,
+                      **arch: Any) -> nn.Module:
     """Build a registered report model; with ``weights``, load a checkpoint strictly.
 
     Parameters
@@ -115,11 +118,17 @@ def load_report_model(name: str, *, weights: str | Path | None = None, lm_config
     resampler_config : dict, optional
         Resampler fields (``dim_feats, dim_model, dim_head, num_heads, num_layers,
         num_latents``) overriding the same.
+    tiny : bool
+        Build the spec's CPU-test-sized variant (its ``tiny`` configs on top of the
+        published ones), as the contract tests do for every registered model.
     **arch
         Other builder keywords (e.g. ``ff_mult``).
     """
     spec = get_report_model_spec(name)
     lm, resampler = dict(spec.lm_config), dict(spec.resampler_config)
+    if tiny:
+        lm.update(spec.tiny[0])
+        resampler.update(spec.tiny[1])
     state = path = None
     if weights is not None:
         path = Path(weights)
