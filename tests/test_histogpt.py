@@ -421,6 +421,15 @@ def model(official):
     return load_report_model("histogpt_test", weights=official[1]).eval()
 
 
+@pytest.fixture(scope="module")
+def position_sensitive(official):
+    """The test model with positions outweighing tokens: a position off by one changes the ids."""
+    model = load_report_model("histogpt_test", weights=official[1]).eval()
+    with torch.no_grad():
+        model.lm.base_model.embed_positions.weight.mul_(4)
+    return model
+
+
 def test_cached_uncached_and_full_forward_decoding_agree(model):
     prompt, slide = torch.tensor([[EOS, 9, 30, 4]]), _slide(seed=7)
     cached = model.generate(prompt, slide, max_new_tokens=24, eos_token_id=None)
@@ -443,46 +452,57 @@ def test_beam_search_with_one_beam_is_greedy(model):
         assert torch.equal(beam, greedy)
 
 
-def test_beam_search_cached_equals_uncached(model):
-    prompt, slide = torch.tensor([[EOS, 11, 3]]), _slide(seed=10)
-    kwargs = {"max_new_tokens": 10, "num_beams": 3, "eos_token_id": [EOS, 5]}
-    assert torch.equal(model.generate(prompt, slide, **kwargs), model.generate(prompt, slide, use_cache=False, **kwargs))
+def test_beam_search_cached_equals_uncached(position_sensitive):
+    """Beams swap places, so the transformers cache must be reordered with them."""
+    model = position_sensitive
+    prompt, slides = torch.tensor([[EOS, 11, 3], [EOS, 4, 60]]), torch.cat([_slide(seed=10), _slide(seed=12)])
+    for num_beams in (2, 4):
+        kwargs = {"max_new_tokens": 16, "num_beams": num_beams, "eos_token_id": None}
+        assert torch.equal(model.generate(prompt, slides, **kwargs),
+                           model.generate(prompt, slides, use_cache=False, **kwargs))
 
 
-class BigramLM(nn.Module):
+class HistoryLM(nn.Module):
     """A causal LM in the Hugging Face call convention whose next-token log-probabilities
-    depend on the last token only (a fixed table), with a tuple KV 'cache'."""
+    depend on the last token and the sum of all tokens so far (kept in a tuple 'cache'),
+    so a cache that is not reordered with its beams gives wrong answers."""
 
     def __init__(self, table):
         super().__init__()
-        self.table = table  # (V, V) log-probabilities
+        self.table = table  # (V, V, V) log-probabilities: [sum of tokens mod V, last token] -> next
+
+    def log_probs(self, ids):  # (B, T) -> (B, T, V)
+        return self.table[ids.cumsum(-1) % self.table.shape[0], ids]
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        seen = input_ids if past_key_values is None else torch.cat([past_key_values[0][0], input_ids], 1)
+        past = past_key_values[0][0] if past_key_values is not None else input_ids[:, :0]
+        seen = torch.cat([past, input_ids], 1)
         out = type("Out", (), {})()
-        out.logits = self.table[input_ids]  # (B, t, V)
+        out.logits = self.log_probs(seen)[:, past.shape[1]:]
         out.past_key_values = ((seen, seen),) if use_cache else None
         return out
 
 
 def test_beam_search_finds_the_best_sequence_when_beams_cover_every_prefix():
-    vocab, steps = 5, 3
-    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
-    lm = BigramLM(table)
+    vocab, steps = 4, 4
+    table = torch.randn(vocab, vocab, vocab, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    lm = HistoryLM(table)
     prompt = torch.tensor([[0], [3]])
-    best = generation.beam_search(lm, prompt, max_new_tokens=steps, num_beams=vocab ** (steps - 1))
-    for b in range(2):  # exhaustive search over all vocab**steps continuations
-        seqs = torch.cartesian_prod(*[torch.arange(vocab)] * steps)
-        full = torch.cat([prompt[b].expand(len(seqs), 1), seqs], 1)
-        scores = table[full[:, :-1], full[:, 1:]].sum(-1)
-        assert torch.equal(best[b], full[scores.argmax()])
-    # and greedy follows the table's arg-max
+    seqs = torch.cartesian_prod(*[torch.arange(vocab)] * steps)  # every continuation
+    for use_cache in (True, False):
+        best = generation.beam_search(lm, prompt, max_new_tokens=steps, num_beams=vocab ** (steps - 1),
+                                      use_cache=use_cache)
+        for b in range(2):
+            full = torch.cat([prompt[b].expand(len(seqs), 1), seqs], 1)
+            scores = lm.log_probs(full)[:, :-1].gather(-1, full[:, 1:, None]).sum((1, 2))
+            assert torch.equal(best[b], full[scores.argmax()])
+    # greedy follows the arg-max, step by step
     greedy = generation.generate(lm, prompt, max_new_tokens=steps)
     for b in range(2):
-        token = prompt[b, 0]
-        for t in range(steps):
-            token = table[token].argmax()
-            assert greedy[b, 1 + t] == token
+        ids = prompt[b:b + 1]
+        for _ in range(steps):
+            ids = torch.cat([ids, lm.log_probs(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(greedy[b], ids[0])
 
 
 def test_filter_logits_known_answers():
@@ -508,15 +528,6 @@ def test_sampling_is_reproducible_under_a_seed_and_top_k_1_is_greedy(model):
     greedy = model.generate(prompt, slide, max_new_tokens=20, eos_token_id=None)
     assert torch.equal(model.generate(prompt, slide, max_new_tokens=20, do_sample=True, top_k=1, seed=0,
                                       eos_token_id=None), greedy)
-
-
-@pytest.fixture(scope="module")
-def position_sensitive(official):
-    """The test model with positions outweighing tokens: a position off by one changes the ids."""
-    model = load_report_model("histogpt_test", weights=official[1]).eval()
-    with torch.no_grad():
-        model.lm.base_model.embed_positions.weight.mul_(4)
-    return model
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
