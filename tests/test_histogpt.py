@@ -560,3 +560,46 @@ def test_bad_generation_requests_are_refused(model):
         model.generate(ids, torch.randn(2, 5, 15), max_new_tokens=2)
     with pytest.raises(ValueError, match="3 slides for 2 prompts"):
         model.generate(ids, torch.randn(3, 5, 16), max_new_tokens=2)
+
+
+def test_ensemble_refinement_samples_reports_and_summarises_them(model):
+    from histoscope.language.refine import DEFAULT_INSTRUCTION, ensemble_refinement
+
+    prompt, slide = torch.tensor([[EOS, 9, 30]]), _slide(seed=13)
+    seen = []
+    result = ensemble_refinement(model, prompt, slide, decode=lambda ids: " ".join(map(str, ids)),
+                                 summarize=lambda text: seen.append(text) or "summary", num_samples=4,
+                                 max_new_tokens=12, seed=5)
+    assert result.summary == "summary" and seen == [result.prompt]
+    samples = model.generate(prompt.expand(4, -1), slide, max_new_tokens=12, do_sample=True, top_k=40, top_p=0.95,
+                             seed=5)
+    assert len(result.reports) == 4
+    for report, sample in zip(result.reports, samples):
+        assert torch.equal(report[:3], prompt[0]) and EOS not in report[3:].tolist()
+        assert torch.equal(report, sample[:len(report)])
+        assert len(report) == len(sample) or sample[len(report)] == EOS  # cut exactly at the end token
+    # the reference decodes all samples joined, less the very first token, after the instruction
+    joined = torch.cat(result.reports).tolist()[1:]
+    assert result.prompt == DEFAULT_INSTRUCTION + " ".join(map(str, joined))
+
+
+def test_biogpt_weights_load_into_the_decoder_and_give_biogpt_logits():
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    torch.manual_seed(6)
+    biogpt = BioGptForCausalLM(BioGptConfig(**TINY_LM)).eval()
+    with torch.no_grad():
+        for p in biogpt.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = load_report_model("histogpt_test").eval()
+    resampler_before = model.resampler.latents.clone()
+    model.load_biogpt_state_dict(biogpt.state_dict())
+    ids = torch.randint(3, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, biogpt(input_ids=ids).logits, rtol=0, atol=1e-5)
+        # closed gates (a fresh model): the slide does not change BioGPT's output yet
+        torch.testing.assert_close(model(ids, _slide().expand(2, -1, -1)).logits, biogpt(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
+    assert torch.equal(model.resampler.latents, resampler_before)
+    with pytest.raises(KeyError, match="missing"):
+        model.load_biogpt_state_dict({k: v for k, v in biogpt.state_dict().items() if "layers.1.fc2" not in k})

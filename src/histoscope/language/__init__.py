@@ -11,6 +11,7 @@ sampling, beams) for any Hugging Face-style causal LM.
 
 from histoscope.language.generation import generate, left_pad
 from histoscope.language.histogpt import FROM_MODEL, HistoGPT, ReportOutput
+from histoscope.language.refine import Refinement, ensemble_refinement
 from histoscope.language.registry import (
     ReportModelSpec,
     ReportWeightsError,
@@ -20,5 +21,6 @@ from histoscope.language.registry import (
     register_report_model,
 )
 
-__all__ = ["FROM_MODEL", "HistoGPT", "ReportModelSpec", "ReportOutput", "ReportWeightsError", "generate",
-           "get_report_model_spec", "left_pad", "list_report_models", "load_report_model", "register_report_model"]
+__all__ = ["FROM_MODEL", "HistoGPT", "Refinement", "ReportModelSpec", "ReportOutput", "ReportWeightsError",
+           "ensemble_refinement", "generate", "get_report_model_spec", "left_pad", "list_report_models",
+           "load_report_model", "register_report_model"]

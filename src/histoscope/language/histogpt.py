@@ -29,6 +29,7 @@ resampler included, for every new token.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -257,6 +258,21 @@ class HistoGPT(nn.Module):
                     use_cache=use_cache)
         finally:
             self.train(was_training)
+
+    def load_biogpt_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a ``transformers`` ``BioGptForCausalLM`` state dict (e.g. microsoft/biogpt)
+        into the decoder, strictly; the resampler, exit gate and cross-attention blocks
+        keep their weights (how HistoGPT starts training)."""
+        pattern = re.compile(r"biogpt\.layers\.(\d+)\.")
+        mapped = {pattern.sub(r"biogpt.layers.\1.1.", key): value for key, value in state.items()}
+        expected = {k for k in self.lm.state_dict() if not re.match(r"biogpt\.layers\.\d+\.0\.", k)}
+        missing, unexpected = sorted(expected - set(mapped)), sorted(set(mapped) - expected)
+        if "output_projection.weight" in missing and "biogpt.embed_tokens.weight" in mapped:
+            missing.remove("output_projection.weight")  # tied to the token embedding
+        if missing or unexpected:
+            raise KeyError(f"not a BioGptForCausalLM state dict of this size: {len(missing)} missing keys "
+                           f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
+        self.lm.load_state_dict(mapped, strict=False)  # strict on the decoder: checked above
 
     def official_state_dict(self) -> dict[str, Tensor]:
         """The weights in the authors' key layout (loads strictly into their
