@@ -108,26 +108,16 @@ _TINY_LM = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_at
 _TINY_RESAMPLER = {"dim_feats": 16, "dim_model": 24, "dim_head": 8, "num_heads": 2, "num_layers": 2, "num_latents": 6}
 
 
-@register_report_model(
+register_report_model(
     "histogpt", description="HistoGPT-1B: CTransPath features → Perceiver (640 latents) → BioGPT + gated x-attn",
     lm_config=_BIOGPT, resampler_config=_RESAMPLER_1B, hf_repo="marr-peng-lab/histogpt",
     hf_filename="histogpt-1b-6k-pruned.pth", tokenizer="microsoft/biogpt", tiny=(_TINY_LM, _TINY_RESAMPLER),
-    **_CHECKPOINT)
-def _histogpt_1b(**kwargs) -> HistoGPT:
-    return histogpt(**kwargs)
-
-
-@register_report_model(
+    **_CHECKPOINT)(histogpt)
+register_report_model(
     "histogpt_3b", description="HistoGPT-3B: the same resampler with BioGPT-Large (1600 wide, 48 layers)",
     lm_config=_BIOGPT_LARGE, resampler_config=_RESAMPLER_1B, hf_repo="marr-peng-lab/histogpt",
     hf_filename="histogpt-3b-6k-pruned.pth", tokenizer="microsoft/BioGPT-Large", tiny=(_TINY_LM, _TINY_RESAMPLER),
-    **_CHECKPOINT)
-def _histogpt_3b(**kwargs) -> HistoGPT:
-    return histogpt(**kwargs)
-
-
-@register_report_model(
+    **_CHECKPOINT)(histogpt)
+register_report_model(
     "histogpt_test", description="tiny HistoGPT for tests (BioGPT 32 wide, 2 layers, 64-token vocabulary)",
-    lm_config=_TINY_LM, resampler_config=_TINY_RESAMPLER, **_CHECKPOINT)
-def _histogpt_test(**kwargs) -> HistoGPT:
-    return histogpt(**kwargs)
+    lm_config=_TINY_LM, resampler_config=_TINY_RESAMPLER, **_CHECKPOINT)(histogpt)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["beam_search", "decode", "filter_logits", "generate", "left_pad"]
+__all__ = ["beam_search", "filter_logits", "generate", "greedy_or_sample", "left_pad"]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], *, pad_token_id: int,
@@ -110,7 +110,8 @@ def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     if attention_mask is None:
         return torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match "
+                         f"input_ids {tuple(input_ids.shape)}")
     mask = attention_mask.long()
     if (mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all():
         raise ValueError("prompts must be left-padded (attention_mask 0…0 1…1 in every row); "
@@ -119,10 +120,11 @@ def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
 
 
 @torch.no_grad()
-def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
-           do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-           seed: int | None = None, use_cache: bool = True) -> Tensor:
+def greedy_or_sample(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                     max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None,
+                     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                     seed: int | None = None, use_cache: bool = True) -> Tensor:
     """Greedy decoding, or sampling with temperature / top-k / top-p.
 
     Parameters
@@ -197,7 +199,7 @@ def beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     log-probabilities) / (generated length ** ``length_penalty``); a prompt is done once
     it has ``num_beams`` finished beams that no running beam can beat (Hugging Face's
     ``early_stopping=False`` rule). Beams still running at ``max_new_tokens`` are
-    scored the same way. The other arguments are as in :func:`decode`.
+    scored the same way. The other arguments are as in :func:`greedy_or_sample`.
     """
     mask = _check_prompt(input_ids, attention_mask)
     if max_new_tokens == 0:
@@ -270,7 +272,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | None = None, use_cache: bool = True) -> Tensor:
     """Hugging Face-style ``generate``: :func:`beam_search` when ``num_beams > 1``,
-    else :func:`decode` (greedy or sampling). Returns ``(B, T + n')`` token ids."""
+    else :func:`greedy_or_sample`. Returns ``(B, T + n')`` token ids."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
     if do_sample and temperature <= 0:
@@ -284,6 +286,6 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         return beam_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                            length_penalty=length_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                            use_cache=use_cache)
-    return decode(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+    return greedy_or_sample(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                   temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                   pad_token_id=pad_token_id, seed=seed, use_cache=use_cache)

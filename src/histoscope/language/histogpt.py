@@ -6,7 +6,7 @@ M resampler width (``dim_model``), E decoder width, T tokens, V vocabulary.
 ::
 
     features (B, N, D) ─ PerceiverResampler ─ (B, L, M) ─ exit gate (Linear M→E, no bias) ─ latents (B, L, E)
-    tokens (B, T) ─ BioGPT: before each decoder layer a GatedCrossAttentionBlock attends to the latents ─ logits (B, T, V)
+    tokens (B, T) ─ BioGPT, a GatedCrossAttentionBlock on the latents before each decoder layer ─ logits (B, T, V)
 
 BioGPT is ``transformers``' ``BioGptForCausalLM``; the blocks are put in front of its
 decoder layers by :class:`~histoscope.language.fusion.FusionLayer`, so its embeddings
@@ -235,7 +235,8 @@ class HistoGPT(nn.Module):
         decoding loop is :func:`histoscope.language.generation.generate` (greedy,
         sampling, beam search; see there for the arguments). ``eos_token_id`` defaults
         to the config's end token (``</s>``, 2, for BioGPT, where the reference stops);
-        None never stops early. ``pad_token_id`` defaults to the config's.
+        None never stops early. ``pad_token_id`` defaults to the config's. Dropout
+        follows the module's mode, as in ``transformers``: call ``model.eval()`` first.
         """
         longest = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
         if longest + max_new_tokens > self.config.max_position_embeddings:
@@ -246,18 +247,13 @@ class HistoGPT(nn.Module):
             eos_token_id = self.config.eos_token_id
         if pad_token_id is None:
             pad_token_id = self.config.pad_token_id
-        was_training = self.training
-        self.eval()
-        try:
-            _, kv = self._slide_kv(features, mask, rows=input_ids.shape[0], repeats=num_beams)
-            with self.conditioned_on(kv):
-                return generation.generate(
-                    self.lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                    temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-                    length_penalty=length_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-                    use_cache=use_cache)
-        finally:
-            self.train(was_training)
+        _, kv = self._slide_kv(features, mask, rows=input_ids.shape[0], repeats=num_beams)
+        with self.conditioned_on(kv):
+            return generation.generate(
+                self.lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                length_penalty=length_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                use_cache=use_cache)
 
     def load_biogpt_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load a ``transformers`` ``BioGptForCausalLM`` state dict (e.g. microsoft/biogpt)

@@ -188,8 +188,9 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, path: Path 
                 state[copy] = state[source]
             elif copy in state and source in state and not torch.equal(state[copy], state[source]):
                 raise ReportWeightsError(
-                    f"{where}: {name_of(copy)} differs from {name_of(source)}, but {label} ties them; for a checkpoint trained "
-                    "with an untied output projection pass lm_config={'tie_word_embeddings': False}")
+                    f"{where}: {name_of(copy)} differs from {name_of(source)}, but {label} ties them; for a "
+                    "checkpoint trained with an untied output projection pass "
+                    "lm_config={'tie_word_embeddings': False}")
     missing = [name_of(k) for k in expected if k not in state]
     unexpected = [name_of(k) for k in state if k not in expected]
     misshapen = [f"{name_of(k)} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
