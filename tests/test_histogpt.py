@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histoscope.language import generation, list_report_models, load_report_model
+from histoscope.language import generation, get_report_model_spec, list_report_models, load_report_model
 from histoscope.language.registry import ReportWeightsError
 
 TINY_LM = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -596,3 +596,16 @@ def test_biogpt_weights_load_into_the_decoder_and_give_biogpt_logits():
     assert torch.equal(model.resampler.latents, resampler_before)
     with pytest.raises(KeyError, match="missing"):
         model.load_biogpt_state_dict({k: v for k, v in biogpt.state_dict().items() if "layers.1.fc2" not in k})
+
+
+@pytest.mark.parametrize("name", ["histogpt", "histogpt_3b"])
+def test_published_configs_have_the_reference_key_layout(name):
+    """The 1B (BioGptConfig()) and 3B (BioGPT-Large) models, built on the meta device:
+    every key and shape of the reference's state dict, and nothing else."""
+    spec = get_report_model_spec(name)
+    with torch.device("meta"):
+        ours = load_report_model(name)
+        ref = RefHistoGPTForCausalLM(spec.lm_config, spec.resampler_config)
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
+    assert shapes(ours.official_state_dict()) == shapes(ref.state_dict())
+    assert ours.config.hidden_size == {"histogpt": 1024, "histogpt_3b": 1600}[name]

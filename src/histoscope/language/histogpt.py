@@ -149,7 +149,7 @@ class HistoGPT(nn.Module):
         if features.ndim != 3 or features.shape[-1] != self.dim_feats:
             raise ValueError(f"features must be (B, N, {self.dim_feats}) tile features, got {tuple(features.shape)}; "
                              f"this model was built for dim_feats={self.dim_feats}")
-        features = features.to(self.exit_gate.weight.dtype)
+        features = features.to(device=self.exit_gate.weight.device, dtype=self.exit_gate.weight.dtype)
         if mask is not None:
             mask = mask.to(device=features.device, dtype=torch.bool)
             features = features.masked_fill(~mask[..., None], 0)  # NaN padding would leak through 0 · v
