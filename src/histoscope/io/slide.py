@@ -17,13 +17,17 @@ import numpy as np
 
 from histoscope.io.errors import MissingMppError
 
-__all__ = ["Level", "Slide", "MPP_RTOL"]
+__all__ = ["Level", "Slide", "MPP_RTOL", "READ_CHUNK"]
 
 # Levels whose resolution is within 1% of a target count as that resolution: scanners
 # store downsamples such as 3.9998, and resizing a 256-px tile to 255 px is noise.
 MPP_RTOL = 1e-2
 
 BACKGROUND = 255
+
+# Edge in source pixels of the blocks whole-slide reads are made of: one block of RGB
+# is 48 MB, whatever the size of the level read.
+READ_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -203,11 +207,11 @@ class Slide(abc.ABC):
             out[i] = region
         return out
 
-    def read_at_mpp(self, mpp: float, *, chunk: int = 4096) -> np.ndarray:
+    def read_at_mpp(self, mpp: float, *, chunk: int = READ_CHUNK) -> np.ndarray:
         """The whole slide at ``mpp`` µm/px; see :meth:`read_at_downsample`."""
         return self.read_at_downsample(mpp / self.mpp, chunk=chunk)
 
-    def read_at_downsample(self, downsample: float, *, chunk: int = 4096) -> np.ndarray:
+    def read_at_downsample(self, downsample: float, *, chunk: int = READ_CHUNK) -> np.ndarray:
         """The whole slide shrunk ``downsample`` times, read in chunks.
 
         Memory is the output plus one ``chunk``-square block of the source level,
