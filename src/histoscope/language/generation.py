@@ -59,7 +59,8 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | No
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         ordered, order = logits.sort(dim=-1, descending=True)
-        mass_before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)  # probability above each token
+        probs = ordered.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
         drop = mass_before >= top_p  # the first token always has 0 before it, so it is kept
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
