@@ -39,7 +39,7 @@ def load_report_model(name, *, weights=None, lm_config=None, resampler_config=No
 
 def embed_slide(slide, encoder, **kwargs):
     """Tissue → tiles → embeddings for one slide in memory (see
-    :func:`histoscope.encoders.extract.embed_slide`)."""
-    from histoscope.encoders.extract import embed_slide as _embed
+    :func:`histoscope.pipeline.embed_slide`)."""
+    from histoscope.pipeline.embed import embed_slide as _embed
 
     return _embed(slide, encoder, **kwargs)
