@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoscope.language import generation, get_report_model_spec, list_report_models, load_report_model
+from histoscope.io.checkpoint import CheckpointError
 from histoscope.language.registry import ReportWeightsError
 
 TINY_LM = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -347,7 +348,7 @@ def test_tied_output_projection_may_be_left_out(official, tmp_path):
 def test_unreadable_checkpoint_and_bad_configs(tmp_path):
     bad = tmp_path / "truncated.pth"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ReportWeightsError, match="truncated.pth"):
+    with pytest.raises(CheckpointError, match="truncated.pth"):
         load_report_model("histogpt_test", weights=bad)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_report_model("histogpt_test", weights=tmp_path / "nowhere.pth")

@@ -7,11 +7,11 @@ registered report model; ``model(input_ids (B, T), features (B, N, D), mask (B, 
 gives ``.logits (B, T, V)`` and ``model.generate(...)`` writes reports.
 :mod:`histoscope.language.generation` holds the KV-cached decoding loop (greedy,
 sampling, beams) for any Hugging Face-style causal LM.
+
+The registry names are importable without torch; the modules behind them are
+imported on first use.
 """
 
-from histoscope.language.generation import generate, left_pad
-from histoscope.language.histogpt import FROM_MODEL, HistoGPT, ReportOutput
-from histoscope.language.refine import Refinement, ensemble_refinement
 from histoscope.language.registry import (
     ReportModelSpec,
     ReportWeightsError,
@@ -24,3 +24,14 @@ from histoscope.language.registry import (
 __all__ = ["FROM_MODEL", "HistoGPT", "Refinement", "ReportModelSpec", "ReportOutput", "ReportWeightsError",
            "ensemble_refinement", "generate", "get_report_model_spec", "left_pad", "list_report_models",
            "load_report_model", "register_report_model"]
+
+_LAZY = {"FROM_MODEL": "histogpt", "HistoGPT": "histogpt", "ReportOutput": "histogpt", "Refinement": "refine",
+         "ensemble_refinement": "refine", "generate": "generation", "left_pad": "generation"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

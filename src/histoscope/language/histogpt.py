@@ -29,9 +29,11 @@ resampler included, for every new token.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +43,14 @@ from histoscope.language import generation
 from histoscope.language.fusion import FusionLayer, GatedCrossAttentionBlock, MediaKV
 from histoscope.layers.perceiver import PerceiverResampler
 
-__all__ = ["FROM_MODEL", "HistoGPT", "ReportOutput", "from_official_keys", "official_key", "to_official_keys"]
+__all__ = ["FROM_MODEL", "RESAMPLER_FIELDS", "HistoGPT", "ReportOutput", "convert_histogpt_checkpoint",
+           "from_official_keys", "histogpt", "infer_histogpt_config", "official_key", "to_official_keys"]
 
+# The reference's PerceiverResamplerConfig field → PerceiverResampler keyword.
+RESAMPLER_FIELDS = {"dim_feats": "in_dim", "dim_model": "dim", "dim_head": "dim_head", "num_heads": "heads",
+                    "num_layers": "depth", "num_latents": "num_latents"}
+BIOGPT_HEAD_DIM = 64  # BioGPT and BioGPT-Large: head counts are not in a checkpoint, head width is
+PUBLISHED_RESAMPLER_DIM_HEAD = 96  # HistoGPT's resampler heads (16 of 96)
 IGNORE_INDEX = -100  # label value left out of the loss (PyTorch's and Hugging Face's convention)
 
 # The authors' state_dict prefixes (``HistoGPTForCausalLM``) and ours; longest first.
@@ -279,3 +287,67 @@ class HistoGPT(nn.Module):
         """The weights in the authors' key layout (loads strictly into their
         ``HistoGPTForCausalLM`` built with the same configs)."""
         return to_official_keys(self.state_dict())
+
+
+# ---- building from configs, reading the authors' checkpoints ---------------------------
+
+def histogpt(*, lm_config: dict[str, Any], resampler_config: dict[str, Any], ff_mult: int = 4) -> HistoGPT:
+    """HistoGPT from a ``BioGptConfig`` dict and the reference's resampler fields."""
+    from transformers import BioGptConfig, BioGptForCausalLM  # heavy import, only when a model is built
+
+    known = set(BioGptConfig().to_dict())
+    unknown = sorted(set(lm_config) - known)
+    if unknown:
+        close = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+        raise ValueError("lm_config: unknown BioGptConfig fields "
+                         + ", ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for u, c in close.items()))
+    unknown = sorted(set(resampler_config) - set(RESAMPLER_FIELDS))
+    missing = sorted(set(RESAMPLER_FIELDS) - set(resampler_config))
+    if unknown or missing:
+        raise ValueError(f"resampler_config needs exactly the fields {list(RESAMPLER_FIELDS)} "
+                         f"(unknown: {unknown}, missing: {missing})")
+    resampler = PerceiverResampler(**{RESAMPLER_FIELDS[k]: v for k, v in resampler_config.items()})
+    return HistoGPT(resampler=resampler, language_model=BioGptForCausalLM(BioGptConfig(**lm_config)), ff_mult=ff_mult)
+
+
+def convert_histogpt_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The authors' layout (``histogpt.*``, ``output_projection.weight``) → ours; a state
+    dict already in our layout passes through."""
+    official = any(k.startswith("histogpt.") or k == "output_projection.weight" for k in state)
+    return from_official_keys(state) if official else dict(state)
+
+
+def _count_layers(state: dict[str, Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def infer_histogpt_config(state: dict[str, Tensor], lm_config: dict[str, Any],
+                          resampler_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sizes read off a checkpoint (our key layout), given the configs so far.
+
+    Head counts are not stored: the given ones are kept while the width they divide is
+    unchanged; otherwise BioGPT's 64-wide heads and the resampler's ``dim_head``.
+    """
+    vocab, width = state["lm.biogpt.embed_tokens.weight"].shape
+    lm = {"vocab_size": vocab, "hidden_size": width,
+          "max_position_embeddings": state["lm.biogpt.embed_positions.weight"].shape[0] - 2,  # BioGPT's offset 2
+          "num_hidden_layers": _count_layers(state, "lm.biogpt.layers."),
+          "intermediate_size": state["lm.biogpt.layers.0.1.fc1.weight"].shape[0]}
+    if width != lm_config.get("hidden_size"):
+        if width % BIOGPT_HEAD_DIM:
+            raise ValueError(f"width {width} is not a multiple of {BIOGPT_HEAD_DIM}: "
+                             "pass lm_config={'num_attention_heads': ...}")
+        lm["num_attention_heads"] = width // BIOGPT_HEAD_DIM
+    dim_model, dim_feats = state["resampler.linear.weight"].shape
+    inner = state["resampler.layers.0.0.to_q.weight"].shape[0]
+    resampler = {"dim_feats": dim_feats, "dim_model": dim_model, "num_latents": state["resampler.latents"].shape[0],
+                 "num_layers": _count_layers(state, "resampler.layers.")}
+    if inner != resampler_config.get("dim_head", 0) * resampler_config.get("num_heads", 0):
+        dim_head = resampler_config.get("dim_head", PUBLISHED_RESAMPLER_DIM_HEAD)
+        if inner % dim_head:
+            raise ValueError(f"resampler attention width {inner} is not a multiple of dim_head {dim_head}: "
+                             "pass resampler_config={'dim_head': ..., 'num_heads': ...}")
+        resampler.update(dim_head=dim_head, num_heads=inner // dim_head)
+    return lm, resampler
+

@@ -18,11 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
+
+from histoscope.io.checkpoint import checkpoint_kind, compare_state_dict, read_checkpoint
+
+if TYPE_CHECKING:  # listing the registry imports neither torch nor transformers
+    from torch import Tensor, nn
 
 __all__ = ["ReportModelSpec", "ReportWeightsError", "get_report_model_spec", "list_report_models",
-           "load_report_model", "read_report_checkpoint", "register_report_model"]
+           "load_report_model", "read_report_weights", "register_report_model"]
 
 _SHOWN = 8  # keys listed per category in a mismatch report
 
@@ -108,8 +112,10 @@ def load_report_model(name: str, *, weights: str | Path | None = None, lm_config
     name : str
         Registry name (:func:`list_report_models`).
     weights : path, optional
-        A checkpoint in the authors' key layout (e.g. ``histogpt-1b-6k-pruned.pth``) or
-        ours (``model.state_dict()``); ``.pth``/``.pt``/``.bin`` or ``.safetensors``.
+        A checkpoint in the authors' key layout (e.g. ``histogpt-1b-6k-pruned.pth``),
+        ours (``model.state_dict()``) or one ``histoscope train`` wrote;
+        ``.pth``/``.pt``/``.bin`` or ``.safetensors`` (read by
+        :func:`histoscope.io.checkpoint.read_checkpoint`).
         None builds a randomly initialised model (for training).
     lm_config : dict, optional
         ``BioGptConfig`` fields overriding the spec's and the checkpoint's sizes
@@ -132,9 +138,7 @@ def load_report_model(name: str, *, weights: str | Path | None = None, lm_config
     state = path = None
     if weights is not None:
         path = Path(weights)
-        state = read_report_checkpoint(path)
-        if spec.convert_checkpoint is not None:
-            state = spec.convert_checkpoint(state)
+        state = read_report_weights(path, spec)
         if spec.infer_config is not None:
             try:
                 inferred_lm, inferred_resampler = spec.infer_config(state, lm, resampler)
@@ -151,32 +155,31 @@ def load_report_model(name: str, *, weights: str | Path | None = None, lm_config
     return model
 
 
-def read_report_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` or a ``torch.save`` file (tensors only; a
-    ``{"state_dict": ...}`` wrapper is opened), with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def read_report_weights(path: Path, spec: ReportModelSpec) -> dict[str, Tensor]:
+    """The state dict in ``path``: published weights (converted to our keys by the spec)
+    or a model ``histoscope train`` wrote; unreadable files raise
+    :class:`~histoscope.io.checkpoint.CheckpointError` naming the file."""
+    checkpoint = read_checkpoint(path, kind=("trained", "weights"))
+    if checkpoint_kind(checkpoint) == "trained":
+        if checkpoint["histoscope_model"] != spec.name:
+            raise ReportWeightsError(f"{path} holds a trained {checkpoint['histoscope_model']!r} model, not "
+                                     f"{spec.name!r}: load it as {checkpoint['histoscope_model']!r}")
+        return checkpoint["state_dict"]
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    import torch
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, pickled classes, not a checkpoint at all, …
-        raise ReportWeightsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ReportWeightsError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
-    return state
+    return spec.convert_checkpoint(checkpoint) if spec.convert_checkpoint is not None else checkpoint
 
 
 def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, path: Path | None,
                       spec: ReportModelSpec | None = None) -> None:
     """Load ``state`` into ``model`` only if every key and shape matches (a tied copy
     named in ``spec.tie_keys`` may be left out); else :class:`ReportWeightsError`."""
+    import torch
+
     where = str(path) if path is not None else "state dict"
     label = f"{type(model).__name__}" + (f" ({spec.name})" if spec else "")
     expected = model.state_dict()
@@ -191,10 +194,9 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, path: Path 
                     f"{where}: {name_of(copy)} differs from {name_of(source)}, but {label} ties them; for a "
                     "checkpoint trained with an untied output projection pass "
                     "lm_config={'tie_word_embeddings': False}")
-    missing = [name_of(k) for k in expected if k not in state]
-    unexpected = [name_of(k) for k in state if k not in expected]
-    misshapen = [f"{name_of(k)} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    missing, unexpected, mismatched = compare_state_dict(model, state)
+    missing, unexpected = [name_of(k) for k in missing], [name_of(k) for k in unexpected]
+    misshapen = [f"{name_of(k)} (checkpoint {a}, model {b})" for k, a, b in mismatched]
     if missing or unexpected or misshapen:
         lines = [f"{where}: does not fit {label}:"]
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
