@@ -59,8 +59,16 @@ def _read_run(run: Path) -> tuple[dict[str, Any], Task, dict[str, list[str]]]:
 
 
 def _names(runs: Sequence[Path]) -> list[str]:
+    """Folder names; full paths where names repeat; a counter where even those do."""
     names = [run.name or str(run) for run in runs]
-    return names if len(set(names)) == len(names) else [str(run) for run in runs]
+    if len(set(names)) < len(names) and len({str(run) for run in runs}) == len(runs):
+        names = [str(run) for run in runs]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return unique
 
 
 def compare_runs(runs: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: int = 0,
@@ -84,7 +92,8 @@ def compare_runs(runs: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: i
     common = set.intersection(*(set(columns["slide_id"]) for _, _, columns in loaded))
     if len(common) < 2:
         raise ValueError(f"the runs share {len(common)} slide(s); they must predict the same cohort")
-    order = sorted(common)
+    # the first run's pooled order: on a full overlap its numbers are exactly its own results.json
+    order = [slide for slide in loaded[0][2]["slide_id"] if slide in common]
     task = loaded[0][1]
     inputs = []
     for run, (_, _, columns) in zip(runs, loaded):
