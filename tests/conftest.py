@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from histoscope.io.sample import make_sample_slide
 
@@ -30,3 +31,12 @@ def tiff_slide(slides_dir):
 def ome_slide(slides_dir):
     return make_sample_slide(slides_dir / "pyramid.ome.tiff", width=2048, height=1536, mpp=0.5, kind="ome",
                              downsamples=(1, 2), seed=3)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on 2 cores: OpenMP hand-offs between threads cost more than the maths."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -31,12 +31,7 @@ TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 TINY_ARGS = [a for k, v in TINY.items() for a in ("--arch", f"{k}={v}")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +156,10 @@ def test_cli_eval_tiles_images_two_encoders(tiles, tmp_path):
                     "## Comparison"):
         assert heading in markdown
     assert "| phikon |" in result.output and "| uni |" in result.output  # the side-by-side table
-    assert len(list((out / "embeddings").glob("*.h5"))) == 2
+    caches = sorted((out / "embeddings").glob("*.h5"))
+    assert len(caches) == 2
+    with h5py.File(caches[0]) as a, h5py.File(caches[1]) as b:  # same shape, separate random draws
+        assert a["features"].shape == b["features"].shape and not np.allclose(a["features"][:], b["features"][:])
 
     # A rerun with a subset of the protocols reuses the cached embeddings and agrees.
     rerun = CliRunner().invoke(app, [*args, "--protocols", "knn", "bootstrap=100"])

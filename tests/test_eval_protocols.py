@@ -39,12 +39,7 @@ from histoscope.eval.probes import fit_logistic_regression
 from histoscope.eval.tiles import TileEvalSettings, evaluate_tiles
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _features(seed: int, n_train: int = 240, n_test: int = 150, classes: int = 4, dim: int = 24,

@@ -39,13 +39,7 @@ from histoscope.train.synthetic import make_mil_cohort, make_survival_cohort
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on 2 cores: OpenMP hand-offs between threads cost more than the maths.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(cohort, out: Path, **overrides) -> TrainConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +39,7 @@ def _weights_identity(encoder: str, weights: str | Path | None, seed: int) -> st
     if weights is None:
         return f"hub:{encoder}"
     if str(weights) == "random":
-        return f"random:seed={seed}"
+        return f"random:seed={seed}+crc32({encoder})"
     return json.dumps(_stat(Path(weights)))
 
 
@@ -102,7 +103,7 @@ def embed_images(paths: Sequence[str | Path], *, encoder: str, weights: str | Pa
 
     Rows of unreadable images are zero with ``ok`` False (and logged). ``weights`` as
     for :func:`histoscope.load_tile_encoder` (``"random"``: untrained weights drawn
-    with ``seed``); ``arch`` are architecture overrides (tiny variants).
+    with ``seed`` and the encoder's name); ``arch`` are architecture overrides (tiny variants).
     """
     import torch
 
@@ -120,7 +121,7 @@ def embed_images(paths: Sequence[str | Path], *, encoder: str, weights: str | Pa
         log(f"{encoder}: embeddings from the cache {cache}")
         return cached
     with torch.random.fork_rng(devices=[]):  # random weights are reproducible and leave the caller's RNG alone
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + zlib.crc32(encoder.encode()))  # and differ between encoders of one shape
         model = load_tile_encoder(encoder, weights=weights, device=torch_device, dtype=torch_dtype, **arch)
     features = np.zeros((len(paths), model.embed_dim), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)

@@ -70,27 +70,39 @@ def sample_episodes(train_index: np.ndarray, *, num_classes: int, n_shot: int, n
     return episodes
 
 
-def _chunk_predictions(source: torch.Tensor, source_labels: torch.Tensor, query: torch.Tensor,
-                       num_classes: int) -> torch.Tensor:
-    """Nearest-prototype class (E, M) for a chunk of episodes.
+def _prototypes(source: torch.Tensor, squared_norms: torch.Tensor, labels: torch.Tensor,
+                num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(prototypes (E, C, D), support means (E, D), shots per class (E, C))``.
 
-    ``source`` (E, S, D) support features, ``source_labels`` (E, S), ``query`` (M, D).
+    ``source`` (E, S, D) support features, ``squared_norms`` (E, S) their ‖s‖², ``labels``
+    (E, S). A prototype is the mean of (s − m)/‖s − m‖ over its class; expanding
+    ‖s − m‖² = ‖s‖² − 2 s·m + ‖m‖² and Σ w (s − m) = Σ w s − (Σ w) m reads the support
+    rows three times and never writes a centred or normalised copy of them.
+    """
+    mean = source.mean(dim=1)  # (E, D)
+    dots = torch.bmm(source, mean[..., None])[..., 0]  # s·m (E, S)
+    norms = (squared_norms - 2 * dots + (mean * mean).sum(-1, keepdim=True)).clamp_min(0).sqrt()
+    onehot = F.one_hot(labels, num_classes).to(source.dtype)  # (E, S, C)
+    counts = onehot.sum(1)  # (E, C)
+    weights = onehot / norms.clamp_min(1e-12)[..., None] / counts.clamp_min(1)[:, None, :]  # F.normalize's eps
+    prototypes = torch.bmm(weights.transpose(1, 2), source) - weights.sum(1)[..., None] * mean[:, None]
+    return prototypes, mean, counts
+
+
+def _nearest_prototypes(query: torch.Tensor, prototypes: torch.Tensor, mean: torch.Tensor,
+                        counts: torch.Tensor) -> torch.Tensor:
+    """Nearest-prototype class (E, M) of every query in every episode of a chunk.
+
     With m the support mean, q̂ = (q − m)/‖q − m‖ and p a prototype,
     ‖q̂ − p‖² = ‖q̂‖² − 2 (q·p − m·p)/‖q − m‖ + ‖p‖², and ‖q − m‖² = ‖q‖² − 2 q·m + ‖m‖²:
-    one product of the queries with every prototype and mean gives all distances.
+    one product of the queries (M, D) with every prototype and mean gives all distances.
     """
-    episodes = source.shape[0]
-    mean = source.mean(dim=1)  # (E, D)
-    support = F.normalize(source - mean[:, None], dim=-1, p=2)  # (E, S, D)
-    onehot = F.one_hot(source_labels, num_classes).to(source.dtype)  # (E, S, C)
-    counts = onehot.sum(1)  # (E, C)
-    prototypes = onehot.transpose(1, 2) @ support / counts.clamp_min(1)[..., None]  # (E, C, D)
+    episodes, num_classes = counts.shape
     products = query @ torch.cat([prototypes.reshape(-1, query.shape[1]), mean]).T  # (M, E·C + E)
     query_prototype = products[:, : episodes * num_classes].reshape(-1, episodes, num_classes)  # (M, E, C)
     query_mean = products[:, episodes * num_classes :]  # (M, E)
     centred_sq = ((query * query).sum(1)[:, None] - 2 * query_mean + (mean * mean).sum(1)[None]).clamp_min(0)
-    centred = centred_sq.sqrt()  # ‖q − m‖ (M, E)
-    scale = centred.clamp_min(1e-12)  # F.normalize's eps
+    scale = centred_sq.sqrt().clamp_min(1e-12)  # ‖q − m‖, with F.normalize's eps
     dot = (query_prototype - (prototypes * mean[:, None]).sum(-1)[None]) / scale[..., None]
     distances = (centred_sq / scale**2)[..., None] - 2 * dot + (prototypes * prototypes).sum(-1)[None]
     distances = distances.masked_fill(counts[None] == 0, float("inf"))  # classes outside the episode
@@ -134,15 +146,18 @@ def fewshot(train_x, train_y, test_x, test_y, *, n_shot: int, n_way: int | None 
     offset = source_all.mean(dim=0, keepdim=True)
     source_all = source_all - offset
     query = _to_tensor(test_x, device, dtype) - offset
+    squared_norms_all = (source_all * source_all).sum(1)
     labels_all = torch.from_numpy(train_index).to(source_all.device)
     rows = torch.from_numpy(support).to(source_all.device)
-    per_episode_bytes = source_all.element_size() * (3 * support.shape[1] * source_all.shape[1]
+    per_episode_bytes = source_all.element_size() * (support.shape[1] * (source_all.shape[1] + 2 * num_classes)
                                                      + 4 * len(query) * (num_classes + 1))
     chunk = max(1, _CHUNK_BYTES // per_episode_bytes)
     confusion = []
     for start in range(0, len(support), chunk):
         index = rows[start : start + chunk]
-        pred_index = _chunk_predictions(source_all[index], labels_all[index], query, num_classes).cpu().numpy()
+        prototypes, mean, counts = _prototypes(source_all[index], squared_norms_all[index], labels_all[index],
+                                               num_classes)
+        pred_index = _nearest_prototypes(query, prototypes, mean, counts).cpu().numpy()
         confusion.append(confusion_matrices(np.broadcast_to(test_index, pred_index.shape), pred_index, num_classes))
     scores = confusion_scores(np.concatenate(confusion))  # metric -> (E,)
     summary = {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")}
