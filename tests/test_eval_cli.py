@@ -24,7 +24,7 @@ from histoscope.eval.labelled import read_image_set, read_labelled_features, str
 from histoscope.io.features_h5 import write_features
 from histoscope.io.sample import make_sample_tiles
 from histoscope.train import TrainConfig, compare_runs, train
-from histoscope.train.run import read_columns, write_columns
+from histoscope.io.columns import read_columns, write_columns
 from histoscope.train.synthetic import make_mil_cohort
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}

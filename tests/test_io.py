@@ -14,7 +14,8 @@ from PIL import Image
 from histoscope import open_slide
 from histoscope.io import CorruptSlideError, MissingMppError, UnsupportedSlideError, select_backend
 from histoscope.io.mpp import mpp_from_aperio, mpp_from_ome, mpp_from_resolution
-from histoscope.io.sample import make_sample_slide, split_jpeg_tables
+from histoscope.io.sample import SVS_ASSOCIATED, make_sample_slide, split_jpeg_tables
+from histoscope.tiling import TileGeometry
 
 
 def _openslide_rgb(path, location, level, size):
@@ -87,7 +88,7 @@ def test_missing_mpp_names_file_and_flag(slides_dir):
     with pytest.raises(MissingMppError) as info:
         slide.mpp
     assert "nompp.svs" in str(info.value) and "--slide-mpp" in str(info.value)
-    assert open_slide(sample.path, mpp=0.25).mpp == 0.25
+    assert open_slide(sample.path, slide_mpp=0.25).mpp == 0.25
 
 
 def test_png_roi_with_and_without_physical_size(tmp_path, svs_slide):
@@ -111,7 +112,7 @@ def test_single_level_tiff_and_jpeg_roi(tmp_path, svs_slide):
         assert roi.mpp == pytest.approx(0.25, rel=1e-4)
         np.testing.assert_array_equal(roi.read_region((0, 0), 0, (320, 240)), region)
     Image.fromarray(region).save(tmp_path / "roi.jpg", quality=95)
-    with open_slide(tmp_path / "roi.jpg", mpp=0.25) as roi:
+    with open_slide(tmp_path / "roi.jpg", slide_mpp=0.25) as roi:
         assert roi.dimensions == (320, 240)
         np.testing.assert_array_equal(roi.read_region((0, 0), 0, (320, 240)),
                                       np.asarray(Image.open(tmp_path / "roi.jpg").convert("RGB")))
@@ -125,6 +126,72 @@ def test_jpeg2000_tiled_tiff_round_trip(tmp_path):
     with open_slide(tmp_path / "j2k.tif") as slide:
         assert slide.backend == "tiff" and slide.mpp == pytest.approx(0.5)
         np.testing.assert_array_equal(slide.read_region((0, 0), 0, (520, 600)), tifffile.imread(tmp_path / "j2k.tif"))
+
+
+# ---- pyramid structure: levels and associated images as OpenSlide sees them ---------
+
+def _assert_structure_matches_openslide(path, *, openslide_levels=None):
+    """The fast path's levels and associated images (names, pixels) equal OpenSlide's;
+    ``openslide_levels`` limits the level comparison to OpenSlide's first levels."""
+    ours, ref = open_slide(path), open_slide(path, backend="openslide")
+    assert ours.backend == "tiff"
+    count = ref.level_count if openslide_levels is None else openslide_levels
+    assert [(l.width, l.height) for l in ours.levels[:count]] == [(l.width, l.height) for l in ref.levels]
+    assert [l.downsample for l in ours.levels[:count]] == pytest.approx([l.downsample for l in ref.levels])
+    assert ours.associated_images == ref.associated_images
+    for name in ref.associated_images:
+        mine, theirs = ours.read_associated(name), ref.read_associated(name)
+        assert mine.shape == theirs.shape, name
+        assert np.abs(mine.astype(int) - theirs.astype(int)).max() <= 2, name
+    return ours
+
+
+def _written_levels(sample):
+    width, height = sample.dimensions
+    return [(width // ds, height // ds) for ds in sample.downsamples]
+
+
+@pytest.mark.parametrize("downsamples", [(1, 4), (1, 4, 16)], ids=["2-levels", "3-levels"])
+@pytest.mark.parametrize("associated", [SVS_ASSOCIATED, ("label", "macro"), ("thumbnail",), ()],
+                         ids=["thumbnail-label-macro", "label-macro", "thumbnail", "none"])
+def test_svs_levels_and_associated_images_match_openslide(tmp_path, downsamples, associated):
+    sample = make_sample_slide(tmp_path / "slide.svs", width=1536, height=1024, mpp=0.25, kind="svs",
+                               downsamples=downsamples, associated=associated, seed=4)
+    slide = _assert_structure_matches_openslide(sample.path)
+    assert [(l.width, l.height) for l in slide.levels] == _written_levels(sample)
+    assert set(slide.associated_images) == set(associated)
+
+
+@pytest.mark.parametrize("kind, name", [("tiff", "generic.tiff"), ("ome", "pyramid.ome.tiff")])
+def test_other_sample_kinds_levels_match_openslide(tmp_path, kind, name):
+    sample = make_sample_slide(tmp_path / name, width=1536, height=1024, mpp=0.5, kind=kind,
+                               downsamples=(1, 2, 4), seed=5)
+    # OpenSlide reads OME-TIFF as a generic TIFF and does not follow SubIFDs, so it sees
+    # level 0 alone; the reduced levels are checked against what was written.
+    slide = _assert_structure_matches_openslide(sample.path, openslide_levels=1 if kind == "ome" else None)
+    assert [(l.width, l.height) for l in slide.levels] == _written_levels(sample)
+    assert slide.associated_images == ()
+
+
+def test_aperio_stripped_pages_named_by_subfile_type_as_openslide(tmp_path):
+    """GT 450 layout: label and macro carry no ImageDescription, only NewSubfileType;
+    a stripped page of another subfile type is no associated image, whatever its text."""
+    rng = np.random.default_rng(6)
+    level0 = cv2.GaussianBlur(rng.integers(0, 255, (512, 768, 3), dtype=np.uint8), (0, 0), 4)
+    header = "Aperio Image Library v12.0.15\r\n768x512 [0,0 768x512] (256x256) JPEG/RGB Q=90"
+    tiled = dict(tile=(256, 256), compression="jpeg", photometric="rgb", metadata=None)
+    stripped = dict(compression="lzw", photometric="rgb", metadata=None)
+    with tifffile.TiffWriter(tmp_path / "gt450.svs") as tif:
+        tif.write(level0, description=header + "|MPP = 0.2630", **tiled)
+        tif.write(level0[::4, ::4].copy(), description=header + " -> 192x128 - ", **stripped)  # thumbnail
+        tif.write(level0[::2, ::2].copy(), description=header + " -> 384x256", **tiled)
+        tif.write(level0[:100, :300].copy(), subfiletype=1, **stripped)  # label
+        tif.write(level0[:200, :600].copy(), subfiletype=9, **stripped)  # macro
+        tif.write(level0[:50, :50].copy(), description="Aperio Image Library\r\nlabel 50x50", **stripped)
+    slide = _assert_structure_matches_openslide(tmp_path / "gt450.svs")
+    assert [(l.width, l.height) for l in slide.levels] == [(768, 512), (384, 256)]
+    assert slide.associated_images == ("label", "macro", "thumbnail")
+    assert slide.read_associated("label").shape == (100, 300, 3)
 
 
 # ---- pixels: fast path against OpenSlide -------------------------------------------
@@ -178,9 +245,9 @@ def test_read_region_returns_writable_copy(svs_slide):
 
 def test_read_tiles_at_half_micron_from_quarter_micron_slide(svs_slide):
     slide = open_slide(svs_slide.path)
-    level, read, covered = slide.tile_geometry(256, 0.5)
+    geometry = TileGeometry.for_slide(slide, size=256, mpp=0.5)
     # Levels are 0.25 / 1.0 / 4.0 µm: the coarsest at least as fine as 0.5 is level 0.
-    assert (level, read, covered) == (0, 512, 512)
+    assert (geometry.read_level, geometry.read_size, geometry.size_level0) == (0, 512, 512)
     coords = np.array([[1024, 512], [2048, 1536], [3584, 2560]])
     tiles = slide.read_tiles(coords, size=256, mpp=0.5)
     assert tiles.shape == (3, 256, 256, 3) and tiles.dtype == np.uint8
@@ -191,7 +258,8 @@ def test_read_tiles_at_half_micron_from_quarter_micron_slide(svs_slide):
 
 def test_read_tiles_uses_level_at_target_resolution(tiff_slide):
     slide = open_slide(tiff_slide.path)
-    assert slide.tile_geometry(256, 0.5) == (1, 256, 512)  # level 1 is 0.5 µm/px: no resizing
+    geometry = TileGeometry.for_slide(slide, size=256, mpp=0.5)
+    assert (geometry.read_level, geometry.read_size, geometry.size_level0) == (1, 256, 512)  # level 1: no resizing
     tiles = slide.read_tiles([[512, 1024]], size=256, mpp=0.5)
     np.testing.assert_array_equal(tiles[0], slide.read_region((512, 1024), 1, (256, 256)))
     # Native level-0 tiles when no mpp is given.

@@ -11,6 +11,7 @@ import pytest
 
 from histoscope.io import open_slide
 from histoscope.io.sample import make_sample_slide
+from histoscope.io.slide import READ_CHUNK
 from histoscope.tissue import (
     TissueMask,
     draw_contours,
@@ -50,6 +51,10 @@ def slides(tmp_path_factory):
         # The same layout (same seed, same physical size) scanned at half the resolution.
         "coarse": make_sample_slide(root / "coarse.svs", width=WIDTH // 2, height=HEIGHT // 2, mpp=2 * MPP, seed=0),
         "empty": make_sample_slide(root / "empty.svs", width=WIDTH, height=HEIGHT, mpp=MPP, empty=True),
+        # The plain slide's pixels without a thumbnail (nor label, macro) page, and as level 0 alone.
+        "bare": make_sample_slide(root / "bare.svs", width=WIDTH, height=HEIGHT, mpp=MPP, associated=(), seed=0),
+        "flat": make_sample_slide(root / "flat.svs", width=WIDTH, height=HEIGHT, mpp=MPP, downsamples=(1,),
+                                  associated=(), seed=0),
     }
 
 
@@ -105,19 +110,42 @@ def test_mask_does_not_depend_on_scan_resolution(slides, plain_tissue):
     assert _iou(plain_tissue.mask, coarse.mask) >= 0.95
 
 
-def test_never_reads_level_zero_whole(slides, monkeypatch):
-    with open_slide(slides["plain"].path) as slide:
-        assert slide.level_count > 1
-        requests = []
+def _segment_recording_reads(path):
+    """The mask and every (level, x, y, width, height) the segmentation read."""
+    with open_slide(path) as slide:
+        reads = []
         original = slide._read_level
 
         def recording(level, x, y, width, height):
-            requests.append((level, width, height))
+            reads.append((level, x, y, width, height))
             return original(level, x, y, width, height)
 
-        monkeypatch.setattr(slide, "_read_level", recording)
-        segment_tissue(slide)
-    assert requests and all(level > 0 for level, _, _ in requests)
+        slide._read_level = recording
+        return segment_tissue(slide), reads, slide.levels
+
+
+@pytest.mark.parametrize("name", ["plain", "bare"])
+def test_reads_coarsest_level_at_least_as_fine_as_seg_mpp(slides, plain_tissue, name):
+    tissue, reads, levels = _segment_recording_reads(slides[name].path)
+    # Levels are 0.25 and 1 µm/px: segmenting at 8 µm/px reads level 1 only, whether
+    # or not a thumbnail page sits between levels 0 and 1 in the file.
+    assert [l.downsample for l in levels] == pytest.approx([1, 4])
+    assert reads and {level for level, *_ in reads} == {1}
+    np.testing.assert_array_equal(tissue.mask, plain_tissue.mask)
+
+
+def test_single_level_slide_is_read_block_by_block(slides, plain_tissue):
+    tissue, reads, levels = _segment_recording_reads(slides["flat"].path)
+    assert len(levels) == 1 and len(reads) > 1
+    # Level 0 is read once over, in blocks of at most READ_CHUNK x READ_CHUNK px,
+    # never whole: memory is one block however large the slide.
+    assert all(level == 0 and w <= READ_CHUNK and h <= READ_CHUNK for level, _, _, w, h in reads)
+    covered = np.zeros((HEIGHT, WIDTH), np.uint8)
+    for _, x, y, w, h in reads:
+        covered[y : y + h, x : x + w] += 1
+    assert (covered == 1).all()
+    assert _iou(tissue.mask, slides["flat"].tissue_mask) >= 0.9
+    assert _iou(tissue.mask, plain_tissue.mask) >= 0.95
 
 
 def test_small_holes_filled_small_pieces_dropped(tmp_path):
@@ -131,7 +159,7 @@ def test_small_holes_filled_small_pieces_dropped(tmp_path):
     image[30:80, 140:190] = pink  # 400 µm piece: 160,000 µm², kept
     path = tmp_path / "known.png"
     cv2.imwrite(str(path), image[..., ::-1])
-    with open_slide(path, mpp=8.0) as slide:
+    with open_slide(path, slide_mpp=8.0) as slide:
         mask = segment_tissue(slide).mask
     assert mask[40:46, 40:46].all()
     assert not mask[102:128, 62:88].any()

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SampleSlide", "make_sample_slide", "make_sample_tiles", "split_jpeg_tables", "sample_texture"]
+__all__ = ["SampleSlide", "make_sample_slide", "make_sample_tiles", "split_jpeg_tables", "sample_texture",
+           "SVS_ASSOCIATED"]
 
 MASK_MPP = 8.0  # µm/px of the ground-truth mask
+SVS_ASSOCIATED = ("thumbnail", "label", "macro")  # the images an Aperio file keeps beside its pyramid
 _APERIO_HEADER = "Aperio Image Library v12.0.15"
 
 
@@ -212,6 +214,7 @@ def make_sample_slide(
     tissue_fraction: float = 0.35,
     pen_marks: bool = False,
     empty: bool = False,
+    associated: tuple[str, ...] | None = None,
     quality: int = 85,
     seed: int = 0,
 ) -> SampleSlide:
@@ -238,12 +241,23 @@ def make_sample_slide(
         Draw a marker stroke on the glass (not part of the tissue mask).
     empty : bool
         Only glass, no tissue.
+    associated : tuple of str or None
+        Images written beside an ``svs`` pyramid, any of ``SVS_ASSOCIATED``: the
+        stripped ``thumbnail`` as the second directory (Aperio's layout; without it
+        level 1 follows level 0 directly), ``label`` and ``macro`` as the last
+        directories. ``None``: all three for ``svs``, none for the other kinds.
     """
     import tifffile
 
     path = Path(path)
     if kind not in ("svs", "tiff", "ome"):
         raise ValueError(f"unknown sample kind {kind!r}; use 'svs', 'tiff' or 'ome'")
+    if associated is None:
+        associated = SVS_ASSOCIATED if kind == "svs" else ()
+    unknown = set(associated) - set(SVS_ASSOCIATED)
+    if unknown or (associated and kind != "svs"):
+        raise ValueError(f"associated={associated!r}: only kind='svs' has associated images, "
+                         f"any of {SVS_ASSOCIATED}")
     rng = np.random.default_rng(seed)
     physical = mpp if mpp is not None else 0.25
     mask_w = max(8, round(width * physical / MASK_MPP))
@@ -267,7 +281,7 @@ def make_sample_slide(
         if kind == "ome":
             _write_ome(tmp, painter, downsamples, tile, quality, mpp)
         else:
-            _write_tiff(tmp, painter, downsamples, tile, quality, mpp, kind, width, height)
+            _write_tiff(tmp, painter, downsamples, tile, quality, mpp, kind, width, height, associated)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -276,14 +290,20 @@ def make_sample_slide(
     return SampleSlide(path=path, mpp=mpp, dimensions=(width, height), downsamples=downsamples, tissue_mask=tissue)
 
 
-def _write_tiff(tmp, painter, downsamples, tile, quality, mpp, kind, width, height) -> None:
+def _write_tiff(tmp, painter, downsamples, tile, quality, mpp, kind, width, height, associated) -> None:
     import cv2
     import tifffile
 
     svs = kind == "svs"
     bigtiff = width * height * 3 > 2**31
+    overview = None
+    if "thumbnail" in associated or "macro" in associated:
+        # The whole slide at most 768 px across, from the coarsest level: the thumbnail
+        # page and the slide area of the macro photograph.
+        overview = painter(downsamples[-1]).stripe(0, height)
+        scale = min(1.0, 768 / max(overview.shape[:2]))
+        overview = cv2.resize(overview, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
-        thumb = None
         for index, ds in enumerate(downsamples):
             level = painter(ds)
             tiles, state = _encode_tiles(level, tile, quality, rgb=svs, tables=True)
@@ -331,20 +351,21 @@ def _write_tiff(tmp, painter, downsamples, tile, quality, mpp, kind, width, heig
                 compressionargs={"outcolorspace": "RGB"} if svs else None,
                 metadata=None,
             )
-            if svs and index == 0:
+            if index == 0 and "thumbnail" in associated:
                 # Aperio keeps a stripped thumbnail as the second directory.
-                thumb_src = painter(downsamples[-1]).stripe(0, height)
-                scale = 768 / max(thumb_src.shape[:2])
-                thumb = cv2.resize(thumb_src, None, fx=min(1, scale), fy=min(1, scale), interpolation=cv2.INTER_AREA)
-                tif.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
-                          description=f"{_APERIO_HEADER}\r\n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]} - ")
-        if svs:
+                tif.write(overview, photometric="rgb", compression="jpeg", metadata=None,
+                          description=f"{_APERIO_HEADER}\r\n{width}x{height} -> {overview.shape[1]}x{overview.shape[0]} - ")
+        # Label and macro are told apart by NewSubfileType (1, 9), as OpenSlide does, and
+        # named on the second line of their description, as Aperio writes them.
+        if "label" in associated:
             label = np.full((400, 400, 3), 250, np.uint8)
             label[60:340:8, 40:360] = 20  # a barcode-like pattern
             tif.write(label, photometric="rgb", compression="lzw", metadata=None, subfiletype=1,
                       description=f"{_APERIO_HEADER}\r\nlabel 400x400")
+        if "macro" in associated:
             macro = np.full((430, 1280, 3), 215, np.uint8)
-            macro[: thumb.shape[0] if thumb.shape[0] < 430 else 430, 400 : 400 + min(thumb.shape[1], 880)] = thumb[:430, :880]
+            glass = overview[:430, :880]
+            macro[: glass.shape[0], 400 : 400 + glass.shape[1]] = glass
             tif.write(macro, photometric="rgb", compression="jpeg", metadata=None, subfiletype=9,
                       description=f"{_APERIO_HEADER}\r\nmacro 1280x430")
 

@@ -26,6 +26,9 @@ _JPEG = 7
 _DIRECT_CODECS = {_JPEG}
 # Compressions decoded through tifffile's own codec table (still one pread per tile).
 _TIFFFILE_CODECS = {1, 5, 8, 32946, 33005, 34712, 50000, 50001}
+# NewSubfileType of Aperio's stripped pages (OpenSlide 4.0.1 names them by this tag,
+# as the GT 450 writes no ImageDescription on them).
+_APERIO_SUBFILE_NAMES = {1: "label", 9: "macro"}
 # Vendor TIFF dialects with layouts OpenSlide knows and the fast path does not.
 _VENDOR_FLAGS = ("is_ndpi", "is_philips", "is_scn", "is_bif", "is_qpi", "is_mmstack", "is_lsm", "is_stk")
 
@@ -57,8 +60,16 @@ def _jpeg_colorspaces(photometric: int, is_jfif: bool) -> tuple[int | None, int 
 
 
 def _pyramid_pages(tif) -> list:
-    """Tiled pages forming the pyramid, finest first."""
-    if tif.is_svs or tif.is_ome:
+    """Tiled pages forming the pyramid, finest first.
+
+    OME-TIFF keeps its reduced levels in SubIFDs, read through tifffile's OME series.
+    Otherwise levels are decided by geometry: every tiled top-level page with level
+    0's samples and aspect ratio, which in Aperio and generic pyramids are the pages
+    OpenSlide takes as levels. (tifffile's SVS series names page 1 the thumbnail even
+    when it is a tiled level, as in Aperio files written without a thumbnail page,
+    so it is not used.)
+    """
+    if tif.is_ome:
         return [level.keyframe for level in tif.series[0].levels]
     first = tif.pages.first
     aspect = first.imagewidth / first.imagelength
@@ -71,6 +82,23 @@ def _pyramid_pages(tif) -> list:
         pages.append(page)
     pages.sort(key=lambda p: -p.imagewidth)
     return pages
+
+
+def _aperio_associated_pages(tif) -> dict[str, int]:
+    """Page index of each associated image of an SVS file, named as OpenSlide names them.
+
+    Aperio stores them stripped, the pyramid tiled: the stripped second page is the
+    thumbnail, other stripped pages are the label (NewSubfileType 1) or the macro
+    photograph (9). A later page of the same kind replaces an earlier one.
+    """
+    found = {}
+    for page in tif.pages:
+        if page.is_tiled:
+            continue
+        name = "thumbnail" if page.index == 1 else _APERIO_SUBFILE_NAMES.get(int(page.subfiletype))
+        if name is not None:
+            found[name] = page.index
+    return found
 
 
 def fast_path_reason(tif) -> str | None:
@@ -96,8 +124,8 @@ class TiffSlide(Slide):
 
     backend = "tiff"
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None, cache_bytes: int = 64 << 20):
-        super().__init__(path, mpp=mpp)
+    def __init__(self, path: str | Path, *, slide_mpp: float | None = None, cache_bytes: int = 64 << 20):
+        super().__init__(path, slide_mpp=slide_mpp)
         import tifffile
 
         self._cache_bytes = cache_bytes
@@ -176,13 +204,8 @@ class TiffSlide(Slide):
         self.levels = tuple(
             Level(l.width, l.height, (w0 / l.width + h0 / l.height) / 2) for l in self._layouts
         )
-        self._associated = {}
-        if tif.is_svs:
-            for series in tif.series[1:]:
-                name = series.name.lower()
-                if name in ("thumbnail", "label", "macro"):
-                    self._associated[name] = series.keyframe.index
-        self.associated_images = tuple(self._associated)
+        self._associated = _aperio_associated_pages(tif) if tif.is_svs else {}
+        self.associated_images = tuple(sorted(self._associated))  # sorted, as OpenSlide lists them
 
     def read_associated(self, name: str) -> np.ndarray:
         if name not in self._associated:

@@ -56,8 +56,9 @@ def segment_tissue(
         Any histoscope slide with a known resolution (``slide.mpp``).
     seg_mpp : float
         Resolution to segment at. The slide is read from the coarsest pyramid level
-        at least this fine and shrunk chunk by chunk; level 0 is never read whole
-        unless it is the only level. Slides coarser than this are used as stored.
+        at least this fine, in blocks of at most ``READ_CHUNK`` squared pixels each
+        shrunk as it is read, so memory stays bounded even where that level is level
+        0 of a large slide. Slides coarser than this are used as stored.
     blur_um : float
         Median-filter width: smooths nuclei and white spaces inside tissue (a 5-px
         filter at 8 µm/px) before thresholding.

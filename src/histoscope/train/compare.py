@@ -20,7 +20,8 @@ import numpy as np
 
 from histoscope.eval.metrics import LOWER_IS_BETTER, paired_bootstrap
 from histoscope.eval.report import evaluate
-from histoscope.train.run import read_columns
+from histoscope.io.columns import read_columns
+from histoscope.train.run import fold_dir, results_path
 from histoscope.train.tasks import ClassificationTask, RegressionTask, SurvivalTask, Task
 
 __all__ = ["compare_runs", "comparison_markdown"]
@@ -34,7 +35,7 @@ def _task(results: dict[str, Any], run: Path) -> Task:
         return RegressionTask()
     if kind == "survival":
         return SurvivalTask()
-    raise ValueError(f"{run / 'results.json'}: unknown task {kind!r}")
+    raise ValueError(f"{results_path(run, '.json')}: unknown task {kind!r}")
 
 
 def _truth_columns(task: Task) -> tuple[str, ...]:
@@ -42,13 +43,13 @@ def _truth_columns(task: Task) -> tuple[str, ...]:
 
 
 def _read_run(run: Path) -> tuple[dict[str, Any], Task, dict[str, list[str]]]:
-    path = run / "results.json"
+    path = results_path(run, ".json")
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no results.json; is this a finished `histoscope train` output folder?")
     results = json.loads(path.read_text())
     pooled: dict[str, list[str]] = {}
     for fold in results["folds"]:
-        columns = read_columns(run / f"fold_{fold['fold']}" / "predictions.csv")
+        columns = read_columns(fold_dir(run, fold["fold"]) / "predictions.csv")
         for name, values in columns.items():
             pooled.setdefault(name, []).extend(values)
     ids = pooled.get("slide_id", [])
