@@ -28,13 +28,14 @@ __all__ = ["compare_runs", "comparison_markdown"]
 
 
 def _task(results: dict[str, Any], run: Path) -> Task:
+    """The run's task, for :meth:`Task.metric_inputs` only (which no training option changes)."""
     kind = results.get("task")
     if kind == "classification":
-        return ClassificationTask(results["class_names"])
+        return ClassificationTask(results["class_names"], class_weighting=False)
     if kind == "regression":
         return RegressionTask()
     if kind == "survival":
-        return SurvivalTask()
+        return SurvivalTask(loss="cox", bins=1)
     raise ValueError(f"{results_path(run, '.json')}: unknown task {kind!r}")
 
 
