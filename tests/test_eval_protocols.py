@@ -91,6 +91,14 @@ def test_probe_metrics_equal_uni_get_eval_metrics(seed):
                         _uni_metrics(y, pred, probs, {"multi_class": "ovo", "average": "macro"}))
 
 
+def test_ovo_auroc_hand_value_with_a_class_absent():
+    # Class 1 never occurs: only the pair (0, 2) counts. Column 0 ranks 3 of the 4 (class 0,
+    # class 2) pairs right, column 2 all 4 of the (class 2, class 0) pairs: (3/4 + 1) / 2.
+    y = np.array([0, 0, 2, 2])
+    probs = np.array([[0.6, 0.3, 0.1], [0.3, 0.5, 0.2], [0.5, 0.2, 0.3], [0.2, 0.1, 0.7]])
+    assert ovo_auroc(y, probs) == pytest.approx(0.875)
+
+
 def test_binary_auroc_is_the_positive_column():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 60)

@@ -84,7 +84,7 @@ def tiles(
     workers = options.pop("workers", 4)
     if (images is None) == (train is None and test is None):
         _fail("give either --images (with --encoder) or --train and --test features files")
-    from histoscope.eval.tiles import TileEvalSettings, comparison_markdown, evaluate_tiles, write_tile_report
+    from histoscope.eval.tiles import TileEvalSettings, encoder_comparison_markdown, write_tile_report
 
     try:
         run_settings = TileEvalSettings(protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()),
@@ -102,7 +102,7 @@ def tiles(
         _fail(str(error).strip("'\""))
     paths = write_tile_report(docs, out, extra=extra)
     typer.echo("")
-    typer.echo(comparison_markdown(docs))
+    typer.echo(encoder_comparison_markdown(docs))
     typer.echo(f"report: {paths.markdown}  ({paths.json})")
 
 
@@ -171,13 +171,13 @@ def slides(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
 ) -> None:
     """Compare training runs (e.g. one per encoder) on their common slides, with paired bootstrap p-values."""
-    from histoscope.train.compare import compare_runs, comparison_markdown
+    from histoscope.train.compare import compare_runs, run_comparison_markdown
 
     try:
         document = compare_runs(runs, n_bootstrap=bootstrap, seed=seed)
     except (ValueError, KeyError, FileNotFoundError) as error:
         _fail(str(error).strip("'\""))
-    text = comparison_markdown(document)
+    text = run_comparison_markdown(document)
     typer.echo(text)
     if out is not None:
         from histoscope.io.atomic import atomic_path, json_safe, write_json

@@ -22,7 +22,7 @@ from histoscope.eval.metrics import confusion_matrices, probe_metrics
 from histoscope.eval.report import evaluate
 
 __all__ = ["PROTOCOLS", "TileEvalSettings", "TileReportPaths", "evaluate_tiles", "write_tile_report",
-           "tile_report_markdown", "comparison_markdown"]
+           "tile_report_markdown", "encoder_comparison_markdown"]
 
 PROTOCOLS = ("linear", "knn", "simpleshot", "fewshot", "retrieval")
 PROTOCOL_TITLES = {"linear": "Linear probe", "knn": "kNN", "simpleshot": "SimpleShot",
@@ -211,7 +211,7 @@ def _headline(doc: Mapping[str, Any], protocol: str) -> tuple[str, str]:
     return f"{protocol} {SUMMARY_METRIC}", _cell(entry["metrics"][SUMMARY_METRIC]) if entry else "–"
 
 
-def comparison_markdown(docs: Mapping[str, Mapping[str, Any]]) -> str:
+def encoder_comparison_markdown(docs: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per encoder, one headline column per protocol."""
     protocols = _protocols_run(docs)
     header = ["encoder"]
@@ -233,7 +233,7 @@ def write_tile_report(docs: Mapping[str, Mapping[str, Any]], out: str | Path, *,
     paths = TileReportPaths(Path(out))
     write_json(paths.json, json_safe({**(extra or {}), "encoders": dict(docs)}))
     with atomic_path(paths.markdown) as tmp:
-        tmp.write_text(tile_report_markdown(docs) + "\n## Comparison\n\n" + comparison_markdown(docs))
+        tmp.write_text(tile_report_markdown(docs) + "\n## Comparison\n\n" + encoder_comparison_markdown(docs))
     for name, doc in docs.items():
         probe = next((doc["protocols"][p] for p in ("linear", "knn", "simpleshot") if p in doc["protocols"]), None)
         if probe is not None:

@@ -24,7 +24,7 @@ from histoscope.io.columns import read_columns
 from histoscope.train.run import fold_dir, results_path
 from histoscope.train.tasks import ClassificationTask, RegressionTask, SurvivalTask, Task
 
-__all__ = ["compare_runs", "comparison_markdown"]
+__all__ = ["compare_runs", "run_comparison_markdown"]
 
 
 def _task(results: dict[str, Any], run: Path) -> Task:
@@ -133,7 +133,7 @@ def _cell(value: float | None, low: float | None = None, high: float | None = No
     return f"{value:.3f} ({low:.3f}–{high:.3f})"
 
 
-def comparison_markdown(document: dict[str, Any], *, title: str = "Slide-level comparison") -> str:
+def run_comparison_markdown(document: dict[str, Any], *, title: str = "Slide-level comparison") -> str:
     """The runs side by side, then every pair's paired differences with p-values."""
     names = list(document["runs"])
     metrics = list(next(iter(document["runs"].values()))["metrics"])
