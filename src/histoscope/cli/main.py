@@ -274,9 +274,11 @@ def demo(
 
 
 def _register_stage_commands() -> None:
+    from histoscope.cli.eval_cmds import register as register_eval
     from histoscope.cli.slide_cmds import register
 
     register(app)
+    register_eval(app)
 
 
 _register_stage_commands()

@@ -27,7 +27,7 @@ import torch
 
 from histoscope.eval.plots import plot_kaplan_meier, plot_regression, plot_roc
 from histoscope.eval.report import evaluate, results_markdown, summarise
-from histoscope.io.atomic import atomic_path, write_json
+from histoscope.io.atomic import atomic_path, json_safe, write_json
 from histoscope.io.columns import read_columns, write_columns
 from histoscope.io.features_h5 import features_path
 from histoscope.slide import get_slide_model_spec, load_slide_model
@@ -201,18 +201,7 @@ def _summarise(out: Path, config: TrainConfig, task: Task, fold_results: list[di
     if task.kind == "classification":
         results["class_names"] = task.class_names
     results["plots"] = _plots(out, task, pooled_columns, arrays)
-    write_json(results_path(out, ".json"), _json_safe(results))
+    write_json(results_path(out, ".json"), json_safe(results))
     with atomic_path(results_path(out)) as tmp:
         tmp.write_text(results_markdown(results, title=f"{config.model} · {config.task}"))
     return results
-
-
-def _json_safe(value):
-    """NaN → null, so results.json is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
