@@ -268,9 +268,11 @@ def demo(
 
 
 def _register_stage_commands() -> None:
+    from histoscope.cli.align_cmds import register as register_align
     from histoscope.cli.slide_cmds import register
 
     register(app)
+    register_align(app)
 
 
 _register_stage_commands()

@@ -81,8 +81,11 @@ class AlignModel(nn.Module):
         embedding = self._text(ids)[0]
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> AlignOutput:
-        captioning = self.text_decoder is not None
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
+                caption: bool = True) -> AlignOutput:
+        """Images (B, 3, H, W) or features (B, N, D) with mask (B, N), and token ids (B, L);
+        ``caption=False`` skips the decoder (contrastive training only)."""
+        captioning = caption and self.text_decoder is not None
         image = self.visual(images, mask, with_tokens=captioning)
         text_embedding, token_states = self._text(ids)  # (B, E), (B, T, W)
         logits = labels = None
