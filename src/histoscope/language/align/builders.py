@@ -29,8 +29,10 @@ _CLIP_DEFAULTS = dict(embed_dim=512, context_length=77, text_width=512, text_hea
 _CLIP_TINY = dict(embed_dim=32, context_length=32, text_width=32, text_heads=2, text_layers=2)
 
 
-def hf_text_model(*, path: str | None, config: dict[str, Any] | None) -> nn.Module:
-    """A Hugging Face ``AutoModel``: from a local folder (never the Hub), or built from a config dict."""
+def hf_text_model(*, path: str | None, config: dict[str, Any] | None, vocab_size: int | None = None,
+                  pad_id: int | None = None) -> nn.Module:
+    """A Hugging Face ``AutoModel``: from a local folder (never the Hub), or built from a config dict
+    (its ``vocab_size`` and ``pad_token_id`` default to the tokenizer's)."""
     from transformers import AutoConfig, AutoModel  # heavy, only when a model is built
 
     if path is not None:
@@ -38,7 +40,7 @@ def hf_text_model(*, path: str | None, config: dict[str, Any] | None) -> nn.Modu
     if not config or "model_type" not in config:
         raise ValueError("text_model='hf' needs text_path (a local model folder) or text_config with a model_type "
                          "(e.g. {model_type: bert, hidden_size: 64, num_hidden_layers: 2, ...})")
-    config = dict(config)
+    config = {"vocab_size": vocab_size, "pad_token_id": pad_id, **config}
     return AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
@@ -73,7 +75,8 @@ def clip(*, embed_dim: int, context_length: int, text_width: int, text_heads: in
         text = CoCaTextTower(vocab_size=vocab_size, context_length=context_length, width=text_width,
                              heads=text_heads, layers=text_layers, embed_dim=embed_dim, pad_id=pad_id)
     else:
-        text = HFTextTower(model=hf_text_model(path=text_path, config=text_config), embed_dim=embed_dim,
+        model = hf_text_model(path=text_path, config=text_config, vocab_size=vocab_size, pad_id=pad_id)
+        text = HFTextTower(model=model, embed_dim=embed_dim,
                            pad_id=pad_id, pooling=text_pooling)
     decoder = None
     if decoder_layers:

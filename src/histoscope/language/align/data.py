@@ -41,27 +41,33 @@ class PairInputs:
         return next(iter(self._features.values())).shape[1] if self._features else None
 
     def check(self) -> tuple[PairInputs, list[str]]:
-        """The inputs whose files read (features) or open (images), and one line per pair left out."""
-        kept, problems, dim = [], [], None
+        """The inputs whose files read (features) or open (images), and one line per pair left out.
+
+        Features of another width than most of the table's are left out too.
+        """
+        read, problems = [], []
         for pair in self.pairs:
             try:
                 if self.kind == "features":
-                    features = read_pair_features(pair.path)
-                    if dim is not None and features.shape[1] != dim:
-                        raise ValueError(f"{pair.path}: features are {features.shape[1]} wide, the table's first "
-                                         f"are {dim}")
-                    dim = features.shape[1]
-                    self._features[pair.row] = features
+                    self._features[pair.row] = read_pair_features(pair.path)
                 else:
                     from PIL import Image
 
                     with Image.open(pair.path) as image:
                         image.verify()
-                kept.append(pair)
+                read.append(pair)
             except Exception as error:  # h5py, numpy and PIL raise many types for a damaged file
                 message = str(error) if str(pair.path) in str(error) else f"{pair.path}: {error}"
                 problems.append(f"row {pair.row}: {message}")
+        kept = read
+        if self.kind == "features" and read:
+            widths = [self._features[p.row].shape[1] for p in read]
+            width = max(set(widths), key=widths.count)
+            kept = [p for p, w in zip(read, widths) if w == width]
+            problems += [f"row {p.row}: {p.path}: features are {w} wide, most of the table's are {width}"
+                         for p, w in zip(read, widths) if w != width]
         checked = PairInputs(kept)
+        checked.kind = self.kind
         checked._features = {p.row: self._features[p.row] for p in kept if p.row in self._features}
         return checked, problems
 
