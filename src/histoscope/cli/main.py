@@ -200,7 +200,7 @@ def run(
 
 @app.command()
 def models(
-    kind: Annotated[str, typer.Option(help="tile, slide or all.")] = "all",
+    kind: Annotated[str, typer.Option(help="tile, slide, align or all.")] = "all",
 ) -> None:
     """List registered models with their embedding size, preprocessing and weight source."""
     if kind in ("tile", "all"):
@@ -221,6 +221,12 @@ def models(
         typer.echo("Slide models (histoscope train model=NAME)")
         for name in list_slide_models():
             typer.echo(f"  {name:16} {get_slide_model_spec(name).description}")
+    if kind in ("align", "all"):
+        from histoscope.language.align import get_align_model_spec, list_align_models
+
+        typer.echo("Image–text models (histoscope train-align model=NAME)")
+        for name in list_align_models():
+            typer.echo(f"  {name:16} {get_align_model_spec(name).description}")
 
 
 def _guarded(fn):
