@@ -18,7 +18,8 @@ from histoscope.cli.slide_cmds import register
 from histoscope.encoders import CorruptWeightsError, load_tile_encoder
 from histoscope.io.checkpoint import CheckpointError, checkpoint_kind, read_checkpoint
 from histoscope.slide import SlideWeightsError, load_slide_model
-from histoscope.train.checkpoint import load_state, load_trained_model, save_state
+from histoscope.slide.trained import load_trained_model
+from histoscope.train.checkpoint import load_state, save_state
 
 STATE = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
 

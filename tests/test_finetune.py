@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from histoscope.cli.slide_cmds import register
 from histoscope.slide import SlideWeightsError, get_slide_model_spec, load_slide_model
-from histoscope.train import ConfigError, load_recipe, load_trained_model, train
+from histoscope.slide.trained import load_trained_model
+from histoscope.train import ConfigError, load_recipe, train
 from histoscope.train.synthetic import make_mil_cohort
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gigapath_finetune.yaml"

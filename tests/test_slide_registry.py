@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import pytest
 import torch
@@ -16,6 +17,18 @@ def test_unknown_name_suggests_close_ones():
     with pytest.raises(KeyError, match="abmil"):
         load_slide_model("abmill", in_dim=8)
     assert {"abmil", "gigapath_slide", "hipt", "transmil", "perceiver", "clam_sb"} <= set(list_slide_models())
+
+
+@pytest.mark.parametrize("name", list_slide_models())
+def test_the_spec_holds_every_default(name):
+    """A builder's keywords have no defaults of their own: the spec's are the published model,
+    written once, and every keyword has one (so a checkpoint's ``arch`` is complete)."""
+    spec = get_slide_model_spec(name)
+    parameters = inspect.signature(spec.builder).parameters
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+               for p in parameters.values())
+    assert set(parameters) - {"in_dim", "num_outputs"} == set(spec.defaults)
+    assert set(spec.tiny) <= set(spec.defaults)
 
 
 def test_encoder_checkpoint_needs_new_head_to_gain_one(tmp_path):

@@ -26,10 +26,11 @@ import argparse
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # imported when a file is read: error classes and kinds stay cheap to import
+    import torch
+    from torch import nn
 
 __all__ = ["CheckpointError", "read_checkpoint", "checkpoint_kind", "compare_state_dict", "KINDS"]
 
@@ -126,6 +127,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path, *, zipped: bool) -> Any:
+    import torch
+
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

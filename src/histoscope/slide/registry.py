@@ -3,6 +3,9 @@
 ``load_slide_model(name, in_dim=..., num_outputs=..., weights=..., **arch)`` builds
 the registered default architecture, lets ``**arch`` override any builder keyword
 (so tiny variants go through the same path), and loads weights strictly.
+
+The registry and the built-in entries (:mod:`histoscope.slide.models`) import no
+torch: listing models is instant, and a builder imports its model when called.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from histoscope.io.checkpoint import checkpoint_kind, compare_state_dict, read_checkpoint
-from histoscope.slide.base import SlideModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from histoscope.slide.base import SlideModel
 
 __all__ = ["SlideModelSpec", "register_slide_model", "list_slide_models", "get_slide_model_spec",
            "load_slide_model", "SlideWeightsError"]
