@@ -230,6 +230,15 @@ def test_bad_rows_are_reported_and_left_out(small, tmp_path):
         assert {int(r["row"]) for r in csv.DictReader(fh)}.isdisjoint({1, 2, 3, 4})
 
 
+def test_every_align_recipe_loads():
+    import yaml
+
+    recipes = [p for p in sorted(RECIPES.glob("*.yaml")) if "pairs" in yaml.safe_load(p.read_text())]
+    assert {p.name for p in recipes} >= {"align_tiny.yaml", "conch_finetune.yaml"}
+    for path in recipes:
+        assert load_align_recipe(path, ["pairs=pairs.csv"]).pairs == "pairs.csv"
+
+
 def test_recipe_errors_are_one_line_and_name_the_fix(small, tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'caption_weight'"):
         load_align_recipe(RECIPES / "align_tiny.yaml", ["captionweight=1"])

@@ -20,6 +20,7 @@ import torch
 from histoscope.eval.cross_modal import image_text_retrieval
 from histoscope.eval.metrics import classification_metrics
 from histoscope.io.atomic import write_json
+from histoscope.io.columns import write_columns
 from histoscope.io.pairs import read_pairs
 from histoscope.language.align.data import PairInputs, embed_pairs
 from histoscope.language.align.trained import TrainedAlignModel, load_align_run
@@ -105,8 +106,6 @@ def zeroshot_eval(run: str | Path | TrainedAlignModel, *, pairs: str | Path | No
 
 
 def _classify(model, tokenizer, prompts: ClassPrompts, images, inputs, out: Path, table: Path) -> dict[str, Any]:
-    from histoscope.train.run import write_columns
-
     with torch.no_grad():
         classifier = zero_shot_classifier(model, tokenizer, prompts).cpu()
     scores, probs = zeroshot_classify(images, classifier, float(model.logit_scale.detach().exp()))

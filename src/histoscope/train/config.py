@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TrainConfig", "SurvivalConfig", "ConfigError", "load_recipe", "apply_overrides", "build_config",
-           "read_recipe"]
+           "read_recipe", "record_recipe"]
 
 TASKS = ("classification", "regression", "survival")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -232,3 +232,23 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
     """
     return TrainConfig.from_dict(read_recipe(path, overrides)).validate()
+
+
+def record_recipe(out: str | Path, config, *, resume: bool, resume_free: set[str]) -> None:
+    """Write ``OUT/config.yaml``. With ``resume`` (a rerun building on earlier work in ``out``),
+    first refuse a recipe that differs from the recorded one in anything but ``resume_free``."""
+    import yaml
+
+    from histoscope.io.atomic import atomic_path
+
+    path = Path(out) / "config.yaml"
+    current = config.to_dict()
+    if resume and path.exists():
+        previous = yaml.safe_load(path.read_text()) or {}
+        changed = sorted(k for k in set(previous) | set(current)
+                         if k not in resume_free and previous.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(f"{out} holds a run with a different recipe (differs in {', '.join(changed)}); "
+                              "use another out_dir, or --overwrite to start afresh")
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(current, sort_keys=False))

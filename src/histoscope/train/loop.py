@@ -31,7 +31,7 @@ from histoscope.train.optim import param_groups
 from histoscope.train.tasks import Task
 from histoscope.utils.device import autocast
 
-__all__ = ["EarlyStopping", "FitResult", "fit", "predict_bags", "warmup_cosine", "derived_seed"]
+__all__ = ["AdamWSchedule", "EarlyStopping", "FitResult", "fit", "predict_bags", "warmup_cosine", "derived_seed"]
 
 
 def derived_seed(*parts: int) -> int:
@@ -108,9 +108,10 @@ def _validate(model, task: Task, dataset, indices, samples: list[Sample], target
 
 
 @dataclass
-class _Optimizer:
-    """AdamW over the trainable parameters (layer-wise lr decay if asked), its warm-up + cosine
-    schedule (stepped per optimizer step) and the fp16 loss scaler."""
+class AdamWSchedule:
+    """AdamW over parameter groups, its warm-up + cosine schedule (stepped per optimizer
+    step; ``config`` gives ``lr``, ``epochs``, ``warmup_epochs``, ``min_lr_ratio``) and the
+    fp16 loss scaler, saved and restored together."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -118,15 +119,21 @@ class _Optimizer:
 
     @classmethod
     def create(cls, model: SlideModel, config, *, steps_per_epoch: int, device: torch.device,
-               dtype: torch.dtype) -> _Optimizer:
-        optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
-                                                   layer_decay=config.layer_decay))
+               dtype: torch.dtype) -> AdamWSchedule:
+        """For a slide model: every trainable parameter, layer-wise lr decay if the recipe asks."""
+        groups = param_groups(model, lr=config.lr, weight_decay=config.weight_decay, layer_decay=config.layer_decay)
+        return cls.from_groups(groups, config, steps_per_epoch=steps_per_epoch, device=device, dtype=dtype)
+
+    @classmethod
+    def from_groups(cls, groups: list[dict], config, *, steps_per_epoch: int, device: torch.device,
+                    dtype: torch.dtype) -> AdamWSchedule:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-            total_steps=config.epochs * steps_per_epoch, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-            min_ratio=config.min_lr_ratio))
+            total_steps=max(1, config.epochs * steps_per_epoch),
+            warmup_steps=round(config.warmup_epochs * steps_per_epoch), min_ratio=config.min_lr_ratio))
         return cls(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
-    def step(self, model: SlideModel, grad_clip: float | None) -> None:
+    def step(self, model: torch.nn.Module, grad_clip: float | None) -> None:
         if grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -145,7 +152,7 @@ class _Optimizer:
 
 
 def _train_epoch(model: SlideModel, task: Task, dataset: BagDataset, train_indices: Sequence[int], targets: Tensor,
-                 weights: np.ndarray | None, opt: _Optimizer, config, *, seed: tuple[int, int, int],
+                 weights: np.ndarray | None, opt: AdamWSchedule, config, *, seed: tuple[int, int, int],
                  device: torch.device, dtype: torch.dtype) -> float:
     """One epoch over the training slides in the order ``seed`` draws; returns the mean loss."""
     model.train()
@@ -201,7 +208,7 @@ def fit(
     weights = task.sample_weights(train_samples) if config.balanced_sampling else None
 
     batches_per_epoch = math.ceil(len(train_indices) / config.batch_size)
-    opt = _Optimizer.create(model, config, steps_per_epoch=math.ceil(batches_per_epoch / config.accumulate),
+    opt = AdamWSchedule.create(model, config, steps_per_epoch=math.ceil(batches_per_epoch / config.accumulate),
                             device=device, dtype=dtype)
     monitor = config.monitor if val_samples else "none"
     early = EarlyStopping(config.patience, lower_is_better=monitor in LOWER_IS_BETTER)

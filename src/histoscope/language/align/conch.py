@@ -4,7 +4,7 @@ The model's state dict is the published ``pytorch_model.bin`` key for key:
 
 - ``visual.trunk.*`` (timm ViT-B/16 at 448 px), ``visual.attn_pool_contrast.*``,
   ``visual.ln_contrast.*``, ``visual.proj_contrast`` -- the tile encoder registered as
-  ``conch`` (:class:`~histoscope.encoders.families.conch.ConchVisionTower`), reused here;
+  ``conch`` (:class:`~histoscope.encoders.conch_tower.ConchVisionTower`), reused here;
 - ``visual.attn_pool_caption.*`` (256 queries), ``visual.ln_caption.*`` -- image tokens
   for the captioning decoder;
 - ``text.*`` -- :class:`~histoscope.language.align.coca.CoCaTextTower` (context 128,
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from histoscope.encoders import Preprocess, get_tile_encoder_spec
-from histoscope.encoders.families.conch import ConchVisionTower
+from histoscope.encoders.conch_tower import ConchVisionTower
 from histoscope.encoders.layers import AttentionalPooler
 from histoscope.language.align.coca import CoCaTextTower, MultimodalDecoder
 from histoscope.language.align.model import AlignModel

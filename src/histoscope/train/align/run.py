@@ -41,9 +41,9 @@ from histoscope.language.align.tokenizer import TextTokenizer, train_bpe_tokeniz
 from histoscope.language.align.trained import align_model_path, save_align_model, save_tokenizer, tokenizer_path
 from histoscope.train.align.config import AlignConfig
 from histoscope.train.checkpoint import load_state, save_state
-from histoscope.train.config import ConfigError
-from histoscope.train.loop import EarlyStopping, autocast, derived_seed, warmup_cosine
-from histoscope.utils.device import resolve_device, resolve_dtype
+from histoscope.train.config import ConfigError, record_recipe
+from histoscope.train.loop import AdamWSchedule, EarlyStopping, derived_seed
+from histoscope.utils.device import autocast, resolve_device, resolve_dtype
 
 __all__ = ["train_align", "assign_splits", "read_splits", "splits_path"]
 
@@ -79,24 +79,12 @@ def read_splits(run_dir: str | Path) -> dict[int, str]:
 
 
 def _check_run(out: Path, config: AlignConfig, overwrite: bool) -> None:
-    import yaml
-
-    path = out / "config.yaml"
-    started = (out / "train_state.pt").exists() or align_model_path(out).exists()
     if overwrite:
         for name in ("train_state.pt", "model.pt", "history.json", "splits.csv"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(tokenizer_path(out), ignore_errors=True)
-    elif path.exists() and (started or tokenizer_path(out).exists()):
-        previous = yaml.safe_load(path.read_text()) or {}
-        current = config.to_dict()
-        changed = sorted(k for k in set(previous) | set(current)
-                         if k not in _RESUME_FREE and previous.get(k) != current.get(k))
-        if changed:
-            raise ConfigError(f"{out} holds a run with a different recipe (differs in {', '.join(changed)}); "
-                              "use another out_dir, or --overwrite to start afresh")
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    started = any(p.exists() for p in (out / "train_state.pt", align_model_path(out), tokenizer_path(out)))
+    record_recipe(out, config, resume=started, resume_free=_RESUME_FREE)
 
 
 def _tokenizer(config: AlignConfig, out: Path, arch: dict[str, Any], captions: list[str], log) -> TextTokenizer:
@@ -257,11 +245,8 @@ def train_align(config: AlignConfig, *, overwrite: bool = False, log: Callable[[
 def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_ids, *, out: Path, device, dtype, log,
          progress: bool, on_epoch_end) -> dict[str, Any]:
     steps_per_epoch = len(_batches(len(train_inputs), config.batch_size))
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        total_steps=max(1, config.epochs * steps_per_epoch),
-        warmup_steps=round(config.warmup_epochs * steps_per_epoch), min_ratio=config.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    opt = AdamWSchedule.from_groups(_param_groups(model, config.weight_decay), config,
+                                    steps_per_epoch=steps_per_epoch, device=device, dtype=dtype)
     early = EarlyStopping(config.patience or config.epochs + 1, lower_is_better=True)
     history: list[dict[str, float]] = []
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -270,9 +255,7 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
     state = load_state(state_path)
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        opt.load_state_dict(state)
         early = EarlyStopping(**state["early"])
         history, best_state, first_epoch = state["history"], state["best_state"], state["epoch"] + 1
         log(f"resuming after epoch {state['epoch'] + 1}")
@@ -287,22 +270,17 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
             order = np.random.default_rng([config.seed, epoch]).permutation(len(train_inputs))
             sums: dict[str, float] = {}
             for batch in _batches(len(train_inputs), config.batch_size, order):
-                optimizer.zero_grad(set_to_none=True)
+                opt.optimizer.zero_grad(set_to_none=True)
                 losses = _losses(model, train_inputs, train_ids, batch, config, device, dtype)
-                scaler.scale(losses["loss"]).backward()
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                opt.scaler.scale(losses["loss"]).backward()
+                opt.step(model, config.grad_clip)
                 model.clamp_logit_scale()
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(batch)
                 if bar is not None:
                     bar.advance(f"epoch {epoch + 1}/{config.epochs} loss {float(losses['loss'].detach()):.4f}")
             record = {"epoch": epoch, **{f"train_{k}": v / len(train_inputs) for k, v in sums.items()},
-                      "logit_scale": float(model.logit_scale.detach().exp()), "lr": optimizer.param_groups[0]["lr"]}
+                      "logit_scale": float(model.logit_scale.detach().exp()), "lr": opt.optimizer.param_groups[0]["lr"]}
             if len(val_inputs):
                 record.update({f"val_{k}": v for k, v in
                                _validate(model, val_inputs, val_ids, config, device, dtype).items()})
@@ -315,8 +293,7 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
             history.append(record)
             log(f"epoch {epoch + 1}/{config.epochs} " + " ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) + (" *" if improved else ""))
-            save_state(state_path, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            save_state(state_path, {"epoch": epoch, "model": model.state_dict(), **opt.state_dict(),
                                     "early": asdict(early), "history": history, "best_state": best_state})
             if on_epoch_end is not None:
                 on_epoch_end(epoch=epoch, record=record)
