@@ -31,7 +31,8 @@ from histoscope.train.optim import param_groups
 from histoscope.train.tasks import Task
 from histoscope.utils.device import autocast
 
-__all__ = ["AdamWSchedule", "EarlyStopping", "FitResult", "fit", "predict_bags", "warmup_cosine", "derived_seed"]
+__all__ = ["AdamWSchedule", "EarlyStopping", "FitResult", "fit", "predict_bags", "warmup_cosine", "derived_seed",
+           "resume_fit", "save_fit_state"]
 
 
 def derived_seed(*parts: int) -> int:
@@ -212,17 +213,9 @@ def fit(
                             device=device, dtype=dtype)
     monitor = config.monitor if val_samples else "none"
     early = EarlyStopping(config.patience, lower_is_better=monitor in LOWER_IS_BETTER)
-    history: list[dict[str, float]] = []
-    best_state = _copy_state(model)
-    first_epoch = 0
-
-    state = load_state(state_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state)
-        early = EarlyStopping(**state["early"])
-        history, best_state, first_epoch = state["history"], state["best_state"], state["epoch"] + 1
-        log(f"fold {fold_name}: resuming after epoch {state['epoch']}")
+    early, history, best_state, first_epoch = resume_fit(state_path, model, opt, early)
+    if first_epoch:
+        log(f"fold {fold_name}: resuming after epoch {first_epoch - 1}")
 
     for epoch in range(first_epoch, config.epochs):
         if early.stopped:
@@ -248,12 +241,31 @@ def fit(
         log(f"fold {fold_name} epoch {epoch + 1}/{config.epochs} " +
             " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) +
             (" *" if improved else ""))
-        save_state(state_path, {"epoch": epoch, "model": model.state_dict(), **opt.state_dict(),
-                                "early": asdict(early), "history": history, "best_state": best_state})
+        save_fit_state(state_path, epoch=epoch, model=model, opt=opt, early=early, history=history,
+                       best_state=best_state)
         if on_epoch_end is not None:
             on_epoch_end(fold=fold_name, epoch=epoch, record=record)
     return FitResult(best_state=best_state, best_epoch=early.best_epoch, history=history)
 
 
-def _copy_state(model: SlideModel) -> dict[str, Tensor]:
+def resume_fit(state_path: Path, model: torch.nn.Module, opt: AdamWSchedule, early: EarlyStopping
+               ) -> tuple[EarlyStopping, list[dict[str, float]], dict[str, Tensor], int]:
+    """``(early stopping, history, best state, first epoch)`` to continue from: those saved in
+    ``state_path`` (loading the model and optimizer from it too), or a fresh start."""
+    state = load_state(state_path)
+    if state is None:
+        return early, [], _copy_state(model), 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state)
+    return EarlyStopping(**state["early"]), state["history"], state["best_state"], state["epoch"] + 1
+
+
+def save_fit_state(state_path: Path, *, epoch: int, model: torch.nn.Module, opt: AdamWSchedule,
+                   early: EarlyStopping, history: list[dict[str, float]], best_state: dict[str, Tensor]) -> None:
+    """What :func:`resume_fit` needs to continue after ``epoch``, written atomically."""
+    save_state(state_path, {"epoch": epoch, "model": model.state_dict(), **opt.state_dict(), "early": asdict(early),
+                            "history": history, "best_state": best_state})
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

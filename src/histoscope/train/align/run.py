@@ -25,7 +25,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,8 @@ from histoscope.language.align.registry import get_align_model_spec, load_align_
 from histoscope.language.align.tokenizer import TextTokenizer, train_bpe_tokenizer
 from histoscope.language.align.trained import align_model_path, save_align_model, save_tokenizer, tokenizer_path
 from histoscope.train.align.config import AlignConfig
-from histoscope.train.checkpoint import load_state, save_state
 from histoscope.train.config import ConfigError, record_recipe
-from histoscope.train.loop import AdamWSchedule, EarlyStopping, derived_seed
+from histoscope.train.loop import AdamWSchedule, EarlyStopping, derived_seed, resume_fit, save_fit_state
 from histoscope.utils.device import autocast, resolve_device, resolve_dtype
 
 __all__ = ["train_align", "assign_splits", "read_splits", "splits_path"]
@@ -248,17 +246,10 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
     opt = AdamWSchedule.from_groups(_param_groups(model, config.weight_decay), config,
                                     steps_per_epoch=steps_per_epoch, device=device, dtype=dtype)
     early = EarlyStopping(config.patience or config.epochs + 1, lower_is_better=True)
-    history: list[dict[str, float]] = []
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    first_epoch = 0
     state_path = out / "train_state.pt"
-    state = load_state(state_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state)
-        early = EarlyStopping(**state["early"])
-        history, best_state, first_epoch = state["history"], state["best_state"], state["epoch"] + 1
-        log(f"resuming after epoch {state['epoch'] + 1}")
+    early, history, best_state, first_epoch = resume_fit(state_path, model, opt, early)
+    if first_epoch:
+        log(f"resuming after epoch {first_epoch}")
     bar = _Progress((config.epochs - first_epoch) * steps_per_epoch) if progress and config.epochs > first_epoch else None
     try:
         for epoch in range(first_epoch, config.epochs):
@@ -293,8 +284,8 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
             history.append(record)
             log(f"epoch {epoch + 1}/{config.epochs} " + " ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) + (" *" if improved else ""))
-            save_state(state_path, {"epoch": epoch, "model": model.state_dict(), **opt.state_dict(),
-                                    "early": asdict(early), "history": history, "best_state": best_state})
+            save_fit_state(state_path, epoch=epoch, model=model, opt=opt, early=early, history=history,
+                           best_state=best_state)
             if on_epoch_end is not None:
                 on_epoch_end(epoch=epoch, record=record)
     finally:
