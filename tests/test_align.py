@@ -220,3 +220,8 @@ def test_padded_feature_tokens_do_not_change_a_bag():
         ids = _ids(model, batch=1)
         logits = model(x[1:2, :3], ids).caption_logits
         assert torch.allclose(model(padded, ids, mask[1:2]).caption_logits, logits, atol=1e-5)
+
+
+def test_unknown_architecture_keywords_are_errors():
+    with pytest.raises(ValueError, match="'text_layer' \\(did you mean 'text_layers'\\?\\) not arguments of"):
+        load_align_model("clip", tiny=True, features_dim=4, vocab_size=40, text_layer=3)

@@ -16,7 +16,7 @@ from torch import nn
 
 from histoscope.language.align import AlignWeightsError, TextTokenizer, load_align_model, train_bpe_tokenizer
 from histoscope.language.align.coca import cls_attention_mask
-from histoscope.language.align.conch import CONCH_ARCH, CONCH_TINY
+from histoscope.language.align.builders import CONCH_ARCH, CONCH_TINY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,11 +7,11 @@ checkpoint strictly (CONCH's ``pytorch_model.bin`` in its published key layout);
 :func:`clip_loss` and :func:`caption_loss` are the training losses;
 :func:`load_align_run` reopens a ``histoscope train-align`` run folder.
 
+The registry names import without torch; everything else is imported on first use.
+
 Notation: B samples, E joint embedding dim, C classes.
 """
 
-from histoscope.language.align.losses import caption_loss, clip_loss
-from histoscope.language.align.model import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE, AlignModel, AlignOutput
 from histoscope.language.align.registry import (
     AlignModelSpec,
     AlignWeightsError,
@@ -20,9 +20,6 @@ from histoscope.language.align.registry import (
     load_align_model,
     register_align_model,
 )
-from histoscope.language.align.tokenizer import TextTokenizer, train_bpe_tokenizer
-from histoscope.language.align.trained import TrainedAlignModel, load_align_run, save_align_model
-from histoscope.language.align.zeroshot import ClassPrompts, encode_texts, zero_shot_classifier
 
 __all__ = [
     "INIT_LOGIT_SCALE", "MAX_LOGIT_SCALE", "AlignModel", "AlignModelSpec", "AlignOutput", "AlignWeightsError",
@@ -30,3 +27,17 @@ __all__ = [
     "get_align_model_spec", "list_align_models", "load_align_model", "load_align_run", "register_align_model",
     "save_align_model", "train_bpe_tokenizer", "zero_shot_classifier",
 ]
+
+_LAZY = {"INIT_LOGIT_SCALE": "model", "MAX_LOGIT_SCALE": "model", "AlignModel": "model", "AlignOutput": "model",
+         "caption_loss": "losses", "clip_loss": "losses", "TextTokenizer": "tokenizer",
+         "train_bpe_tokenizer": "tokenizer", "TrainedAlignModel": "trained", "load_align_run": "trained",
+         "save_align_model": "trained", "ClassPrompts": "zeroshot", "encode_texts": "zeroshot",
+         "zero_shot_classifier": "zeroshot"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

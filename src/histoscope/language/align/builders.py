@@ -1,96 +1,51 @@
-"""Registered image–text models: CONCH as published, and ``clip``, composed from any towers.
+"""The registered image–text models: CONCH as published, and ``clip``, composed from any towers.
 
-``clip`` pairs an image tower -- any registered tile encoder (``image_encoder``, loaded
-by :func:`~histoscope.encoders.load_tile_encoder`) or precomputed features
-(``features_dim``) -- with a text tower -- CoCa's causal transformer built from sizes
-(``text_model="coca"``) or any Hugging Face encoder (``text_model="hf"``: a local
-folder ``text_path``, or ``text_config`` with a ``model_type`` to build from) -- and,
-with ``decoder_layers > 0``, CoCa's captioning decoder.
+An entry is a builder plus data: the published architecture (``defaults``, the only
+place those values are written), a tiny variant for tests and where the weights come
+from. Builders import their modules only when called, so this catalogue, and
+``histoscope models``, never import torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
-from torch import nn
-
-from histoscope.language.align.coca import CoCaTextTower, MultimodalDecoder
-from histoscope.language.align.conch import CONCH_ARCH, CONCH_TINY, conch
-from histoscope.language.align.model import AlignModel
 from histoscope.language.align.registry import register_align_model
-from histoscope.language.align.towers import EncoderImageTower, HFTextTower
 
-__all__ = ["clip", "hf_text_model"]
+__all__ = ["CONCH_ARCH", "CONCH_TINY"]
 
-TEXT_MODELS = ("coca", "hf")
-
+# conch_ViT-B-16.json: embed_dim 512, vision 768 wide x 12 at 448 px, text and decoder 768 wide x 12
+CONCH_ARCH = dict(embed_dim=512, vision_width=768, vision_depth=12, vision_heads=12, img_size=448, patch_size=16,
+                  pool_heads=8, caption_queries=256, vocab_size=32007, context_length=128, text_width=768,
+                  text_heads=12, text_layers=12, decoder_layers=12, pad_id=0)
+CONCH_TINY = dict(embed_dim=16, vision_width=32, vision_depth=2, vision_heads=2, img_size=32, patch_size=16,
+                  pool_heads=2, caption_queries=4, vocab_size=64, context_length=16, text_width=32, text_heads=2,
+                  text_layers=2, decoder_layers=2)
 _CLIP_DEFAULTS = dict(embed_dim=512, context_length=77, text_width=512, text_heads=8, text_layers=12,
                       decoder_layers=0)
 _CLIP_TINY = dict(embed_dim=32, context_length=32, text_width=32, text_heads=2, text_layers=2)
 
 
-def hf_text_model(*, path: str | None, config: dict[str, Any] | None, vocab_size: int | None = None,
-                  pad_id: int | None = None) -> nn.Module:
-    """A Hugging Face ``AutoModel``: from a local folder (never the Hub), or built from a config dict
-    (its ``vocab_size`` and ``pad_token_id`` default to the tokenizer's)."""
-    from transformers import AutoConfig, AutoModel  # heavy, only when a model is built
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """``histoscope.language.align.<module>.<name>``, imported on first call (``.resolve()`` returns it)."""
 
-    if path is not None:
-        return AutoModel.from_pretrained(path, local_files_only=True)
-    if not config or "model_type" not in config:
-        raise ValueError("text_model='hf' needs text_path (a local model folder) or text_config with a model_type "
-                         "(e.g. {model_type: bert, hidden_size: 64, num_hidden_layers: 2, ...})")
-    config = {"vocab_size": vocab_size, "pad_token_id": pad_id, **config}
-    return AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    def resolve() -> Callable[..., Any]:
+        return getattr(importlib.import_module(f"histoscope.language.align.{module}"), name)
 
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return resolve()(*args, **kwargs)
 
-def clip(*, embed_dim: int, context_length: int, text_width: int, text_heads: int, text_layers: int,
-         decoder_layers: int, vocab_size: int | None = None, pad_id: int = 0,
-         image_encoder: str | None = None, image_weights: str | None = None, image_arch: dict | None = None,
-         features_dim: int | None = None, freeze_image: bool = True, image_proj: str = "linear",
-         text_model: str = "coca", text_path: str | None = None, text_config: dict | None = None,
-         text_pooling: str = "cls") -> AlignModel:
-    """CLIP (or CoCa with ``decoder_layers``) from any image and text towers.
-
-    ``image_weights`` is passed to ``load_tile_encoder`` (None: the published weights
-    from the Hugging Face cache; ``"random"``; a path). ``vocab_size`` and ``pad_id``
-    come from the tokenizer; ``text_width/heads/layers`` size the CoCa text tower and the
-    decoder (the decoder's width is the text tower's).
-    """
-    if text_model not in TEXT_MODELS:
-        raise ValueError(f"text_model must be one of {TEXT_MODELS}, got {text_model!r}")
-    if image_encoder is not None:
-        from histoscope.encoders import load_tile_encoder
-
-        encoder = load_tile_encoder(image_encoder, weights=image_weights, **(image_arch or {}))
-        in_dim = encoder.embed_dim
-    elif features_dim is not None:
-        encoder, in_dim = None, int(features_dim)
-    else:
-        raise ValueError("clip needs an image tower: image_encoder (a tile encoder name) or features_dim "
-                         "(the width of precomputed features)")
-    if text_model == "coca":
-        if vocab_size is None:
-            raise ValueError("the CoCa text tower needs vocab_size (the tokenizer's)")
-        text = CoCaTextTower(vocab_size=vocab_size, context_length=context_length, width=text_width,
-                             heads=text_heads, layers=text_layers, embed_dim=embed_dim, pad_id=pad_id)
-    else:
-        model = hf_text_model(path=text_path, config=text_config, vocab_size=vocab_size, pad_id=pad_id)
-        text = HFTextTower(model=model, embed_dim=embed_dim,
-                           pad_id=pad_id, pooling=text_pooling)
-    decoder = None
-    if decoder_layers:
-        decoder = MultimodalDecoder(width=text.width, heads=text_heads, layers=decoder_layers,
-                                    context_length=context_length, vocab_size=vocab_size or 0)
-    visual = EncoderImageTower(in_dim=in_dim, embed_dim=embed_dim, encoder=encoder, freeze_encoder=freeze_image,
-                               proj=image_proj, caption_width=text.width if decoder_layers else None)
-    return AlignModel(visual=visual, text=text, text_decoder=decoder)
+    call.__name__ = call.__qualname__ = name
+    call.resolve = resolve
+    return call
 
 
 register_align_model(
     "conch", description="CONCH (Mahmood lab): CoCa, ViT-B/16 at 448 px + 12-layer text tower and decoder",
     defaults=CONCH_ARCH, tiny=CONCH_TINY, hf_repo="MahmoodLab/CONCH", hf_filename="pytorch_model.bin", gated=True,
-    license="CC-BY-NC-ND-4.0", homepage="https://github.com/mahmoodlab/CONCH")(conch)
+    license="CC-BY-NC-ND-4.0", homepage="https://github.com/mahmoodlab/CONCH")(_lazy("conch", "conch"))
 register_align_model(
     "clip", description="CLIP/CoCa from any tile encoder or features file and a CoCa or Hugging Face text tower",
-    defaults=_CLIP_DEFAULTS, tiny=_CLIP_TINY, license="Apache-2.0")(clip)
+    defaults=_CLIP_DEFAULTS, tiny=_CLIP_TINY, license="Apache-2.0")(_lazy("clip", "clip"))

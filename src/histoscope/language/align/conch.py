@@ -17,6 +17,9 @@ authors' repository) read by ``PreTrainedTokenizerFast`` with ``<start_of_text>`
 ``<end_of_text>`` and ``<pad>`` (id 0); captions are cut at 127 tokens and a pad is
 appended as the class token's placeholder (:class:`~histoscope.language.align.tokenizer.TextTokenizer`).
 
+The published sizes are the registry entry's defaults
+(:data:`histoscope.language.align.builders.CONCH_ARCH`).
+
 Notation: B images, T trunk tokens, C trunk width, E joint dim, Q caption queries, W text width.
 """
 
@@ -32,16 +35,7 @@ from histoscope.language.align.coca import CoCaTextTower, MultimodalDecoder
 from histoscope.language.align.model import AlignModel
 from histoscope.language.align.towers import ImageOutput
 
-__all__ = ["CONCH_ARCH", "CONCH_TINY", "ConchImageTower", "conch"]
-
-# conch_ViT-B-16.json: embed_dim 512, vision 768 wide x 12 at 448 px, text and decoder 768 wide x 12
-CONCH_ARCH = dict(embed_dim=512, vision_width=768, vision_depth=12, vision_heads=12, img_size=448, patch_size=16,
-                  pool_heads=8, caption_queries=256, vocab_size=32007, context_length=128, text_width=768,
-                  text_heads=12, text_layers=12, decoder_layers=12, pad_id=0)
-CONCH_TINY = dict(embed_dim=16, vision_width=32, vision_depth=2, vision_heads=2, img_size=32, patch_size=16,
-                  pool_heads=2, caption_queries=4, vocab_size=64, context_length=16, text_width=32, text_heads=2,
-                  text_layers=2, decoder_layers=2)
-
+__all__ = ["ConchImageTower", "conch"]
 
 class ConchImageTower(ConchVisionTower):
     """CONCH's ``visual``: the registered tile encoder plus the captioning pooler.

@@ -6,24 +6,27 @@ weights come from. ``load_align_model(name, weights=..., **arch)`` builds and lo
 checkpoint strictly -- the published key layout is the model's own (CONCH's
 ``pytorch_model.bin`` loads unchanged), and so is a ``histoscope train-align`` model.
 
-Builders are registered on first use (:mod:`histoscope.language.align.builders`).
+Builders are registered on first use (:mod:`histoscope.language.align.builders`); the
+registry and those entries import no torch, so listing models is instant.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from histoscope.io.checkpoint import CheckpointError, compare_state_dict, read_checkpoint
 
-__all__ = ["AlignModelSpec", "AlignWeightsError", "get_align_model_spec", "list_align_models", "load_align_model",
-           "load_align_state", "register_align_model"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["AlignModelSpec", "AlignWeightsError", "builder_parameters", "get_align_model_spec", "list_align_models",
+           "load_align_model", "load_align_state", "register_align_model", "resolved_arch"]
 
 _SHOWN = 8  # keys listed per category in a mismatch report
 
@@ -38,7 +41,7 @@ class AlignModelSpec:
 
     name: str
     description: str
-    builder: Callable[..., nn.Module]
+    builder: Callable[..., Any]  # (**arch) -> AlignModel
     defaults: Mapping[str, Any] = field(default_factory=dict)  # the published architecture
     tiny: Mapping[str, Any] = field(default_factory=dict)  # overrides for a CPU-test-sized variant
     hf_repo: str | None = None  # where the published weights are (download them yourself: weights=PATH)
@@ -81,13 +84,26 @@ def get_align_model_spec(name: str) -> AlignModelSpec:
     return _REGISTRY[name]
 
 
+def builder_parameters(name: str) -> list[str]:
+    """The keywords the builder of ``name`` takes (imports the model's module)."""
+    builder = get_align_model_spec(name).builder
+    builder = builder.resolve() if hasattr(builder, "resolve") else builder
+    return list(inspect.signature(builder).parameters)
+
+
 def resolved_arch(name: str, *, tiny: bool = False, **arch: Any) -> dict[str, Any]:
     """The builder keywords a model is built with: published defaults, tiny overrides, ``arch``."""
     spec = get_align_model_spec(name)
+    valid = builder_parameters(name)
+    unknown = sorted(set(arch) - set(valid))
+    if unknown:
+        close = {u: difflib.get_close_matches(u, valid, n=1) for u in unknown}
+        raise ValueError(f"{', '.join(repr(u) + (f' (did you mean {c[0]!r}?)' if c else '') for u, c in close.items())}"
+                         f" not arguments of image–text model {name!r}; it takes {', '.join(valid)}")
     return {**spec.defaults, **(spec.tiny if tiny else {}), **arch}
 
 
-def load_align_model(name: str, *, weights: str | Path | None = None, tiny: bool = False, **arch: Any) -> nn.Module:
+def load_align_model(name: str, *, weights: str | Path | None = None, tiny: bool = False, **arch: Any):
     """Build a registered image–text model; with ``weights``, load them strictly.
 
     Parameters
@@ -112,6 +128,8 @@ def load_align_model(name: str, *, weights: str | Path | None = None, tiny: bool
 
 def read_align_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in a weights file (bare, or under ``state_dict`` as histoscope writes it)."""
+    import torch
+
     try:
         obj = read_checkpoint(path, kind=("weights", "align"))
     except CheckpointError as error:

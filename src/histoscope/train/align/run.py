@@ -19,7 +19,6 @@ Notation: B pairs per batch, L tokens, E joint embedding dim.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import shutil
@@ -35,7 +34,7 @@ from histoscope.io.atomic import atomic_path, remove_stale_partials, write_json
 from histoscope.io.pairs import Pair, read_pairs
 from histoscope.language.align.data import PairInputs
 from histoscope.language.align.losses import caption_loss, clip_loss
-from histoscope.language.align.registry import get_align_model_spec, load_align_model, resolved_arch
+from histoscope.language.align.registry import builder_parameters, load_align_model, resolved_arch
 from histoscope.language.align.tokenizer import TextTokenizer, train_bpe_tokenizer
 from histoscope.language.align.trained import align_model_path, save_align_model, save_tokenizer, tokenizer_path
 from histoscope.train.align.config import AlignConfig
@@ -102,7 +101,7 @@ def _tokenizer(config: AlignConfig, out: Path, arch: dict[str, Any], captions: l
 
 def _arch(config: AlignConfig, tokenizer: TextTokenizer, inputs: PairInputs) -> dict[str, Any]:
     arch = resolved_arch(config.model, tiny=config.tiny, **config.model_args)
-    accepts = inspect.signature(get_align_model_spec(config.model).builder).parameters
+    accepts = builder_parameters(config.model)
     derived = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id}
     if inputs.kind == "features" and arch.get("image_encoder") is None:
         derived["features_dim"] = inputs.features_dim
