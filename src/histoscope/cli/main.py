@@ -205,7 +205,7 @@ def run(
 
 @app.command()
 def models(
-    kind: Annotated[str, typer.Option(help="tile, slide or all.")] = "all",
+    kind: Annotated[str, typer.Option(help="tile, slide, align or all.")] = "all",
 ) -> None:
     """List registered models with their embedding size, preprocessing and weight source."""
     if kind in ("tile", "all"):
@@ -226,6 +226,12 @@ def models(
         typer.echo("Slide models (histoscope train model=NAME)")
         for name in list_slide_models():
             typer.echo(f"  {name:16} {get_slide_model_spec(name).description}")
+    if kind in ("align", "all"):
+        from histoscope.language.align import get_align_model_spec, list_align_models
+
+        typer.echo("Image–text models (histoscope train-align model=NAME)")
+        for name in list_align_models():
+            typer.echo(f"  {name:16} {get_align_model_spec(name).description}")
 
 
 def _guarded(fn):
@@ -274,11 +280,13 @@ def demo(
 
 
 def _register_stage_commands() -> None:
+    from histoscope.cli.align_cmds import register as register_align
     from histoscope.cli.eval_cmds import register as register_eval
     from histoscope.cli.slide_cmds import register
 
     register(app)
     register_eval(app)
+    register_align(app)
 
 
 _register_stage_commands()

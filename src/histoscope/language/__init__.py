@@ -1,4 +1,5 @@
-"""Language models over slides: report generation (HistoGPT) and the shared decoding loop.
+"""Language models over pathology images: report generation (HistoGPT), the shared decoding
+loop, and image–text alignment (:mod:`histoscope.language.align`: CLIP/CoCa, CONCH).
 
 Notation: B slides/prompts, N tiles, D tile feature dim, T tokens, V vocabulary.
 

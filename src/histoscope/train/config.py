@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "SurvivalConfig", "ConfigError", "load_recipe", "apply_overrides"]
+__all__ = ["TrainConfig", "SurvivalConfig", "ConfigError", "load_recipe", "apply_overrides", "build_config",
+           "read_recipe", "record_recipe"]
 
 TASKS = ("classification", "regression", "survival")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -108,7 +109,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data, prefix="")
+        return build_config(cls, data)
 
 
 def _get(config: Any, dotted: str) -> Any:
@@ -128,8 +129,8 @@ def _valid_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, prefix: str) -> ConfigError:
-    valid = _valid_keys(TrainConfig)
+def _unknown_key(key: str, prefix: str, root) -> ConfigError:
+    valid = _valid_keys(root)
     close = difflib.get_close_matches(prefix + key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown recipe key {prefix + key!r}{hint}; valid keys: {', '.join(valid)}")
@@ -161,7 +162,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"recipe key {name!r} must be {names}, got {value!r}")
 
 
-def _build(cls, data: dict[str, Any], prefix: str):
+def build_config(cls, data: dict[str, Any]):
+    """An instance of the config dataclass ``cls`` from a recipe mapping, every key and type checked."""
+    return _build(cls, data, prefix="", root=cls)
+
+
+def _build(cls, data: dict[str, Any], prefix: str, root):
     if not isinstance(data, dict):
         raise ConfigError(f"recipe section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -169,10 +175,10 @@ def _build(cls, data: dict[str, Any], prefix: str):
     values = {}
     for key, value in data.items():
         if key not in known:
-            raise _unknown_key(str(key), prefix)
+            raise _unknown_key(str(key), prefix, root)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value or {}, f"{prefix}{key}.")
+            values[key] = _build(hint, value or {}, f"{prefix}{key}.", root)
         else:
             values[key] = _coerce(prefix + key, value, hint)
     return cls(**values)
@@ -203,13 +209,8 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML recipe (optional) and overrides.
-
-    Examples
-    --------
-    >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
-    """
+def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML recipe's mapping (empty without ``path``) with ``key=value`` overrides applied."""
     import yaml
 
     data: dict[str, Any] = {}
@@ -220,4 +221,34 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe is a YAML mapping of keys to values")
-    return TrainConfig.from_dict(apply_overrides(data, list(overrides or []))).validate()
+    return apply_overrides(data, list(overrides or []))
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a YAML recipe (optional) and overrides.
+
+    Examples
+    --------
+    >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
+    """
+    return TrainConfig.from_dict(read_recipe(path, overrides)).validate()
+
+
+def record_recipe(out: str | Path, config, *, resume: bool, resume_free: set[str]) -> None:
+    """Write ``OUT/config.yaml``. With ``resume`` (a rerun building on earlier work in ``out``),
+    first refuse a recipe that differs from the recorded one in anything but ``resume_free``."""
+    import yaml
+
+    from histoscope.io.atomic import atomic_path
+
+    path = Path(out) / "config.yaml"
+    current = config.to_dict()
+    if resume and path.exists():
+        previous = yaml.safe_load(path.read_text()) or {}
+        changed = sorted(k for k in set(previous) | set(current)
+                         if k not in resume_free and previous.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(f"{out} holds a run with a different recipe (differs in {', '.join(changed)}); "
+                              "use another out_dir, or --overwrite to start afresh")
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(current, sort_keys=False))

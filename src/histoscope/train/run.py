@@ -33,7 +33,7 @@ from histoscope.io.features_h5 import features_path
 from histoscope.slide import get_slide_model_spec, load_slide_model
 from histoscope.slide.trained import save_trained_model
 from histoscope.train.checkpoint import resolved_arch
-from histoscope.train.config import ConfigError, TrainConfig
+from histoscope.train.config import TrainConfig, record_recipe
 from histoscope.train.data import BagDataset, FeatureCache, features_dim, features_geometry, read_table
 from histoscope.train.loop import derived_seed, fit, predict_bags
 from histoscope.train.optim import freeze_encoder
@@ -58,22 +58,11 @@ def results_path(out_dir: str | Path, suffix: str = ".md") -> Path:
 
 
 def _check_config(out: Path, config: TrainConfig, overwrite: bool) -> None:
-    import yaml
-
-    path = out / "config.yaml"
-    if path.exists() and not overwrite and any(out.glob("fold_*")):  # earlier work this run would build on
-        previous = yaml.safe_load(path.read_text()) or {}
-        current = config.to_dict()
-        changed = sorted(k for k in set(previous) | set(current)
-                         if k not in _RESUME_FREE and previous.get(k) != current.get(k))
-        if changed:
-            raise ConfigError(f"{out} holds a run with a different recipe (differs in {', '.join(changed)}); "
-                              "use another out_dir, or --overwrite to start afresh")
+    resume = not overwrite and any(out.glob("fold_*"))  # earlier work this run would build on
     if overwrite:
         for child in out.glob("fold_*"):
             shutil.rmtree(child)
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    record_recipe(out, config, resume=resume, resume_free=_RESUME_FREE)
 
 
 def _plots(out: Path, task: Task, columns: dict[str, Any], arrays: tuple) -> list[str]:
