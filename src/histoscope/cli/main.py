@@ -268,9 +268,10 @@ def demo(
 
 
 def _register_stage_commands() -> None:
-    from histoscope.cli.slide_cmds import register
+    from histoscope.cli import pretrain_cmds, slide_cmds
 
-    register(app)
+    slide_cmds.register(app)
+    pretrain_cmds.register(app)
 
 
 _register_stage_commands()
