@@ -31,7 +31,7 @@ def forward_rate(encoder, batch: int, dtype: torch.dtype, seconds: float) -> flo
 
 
 def main() -> None:
-    from histoscope.encoders.extract import EmbedParams, embed_slides, prepare_encoder
+    from histoscope.pipeline.embed import EmbedParams, embed_slides, prepare_encoder
     from histoscope.io.sample import make_sample_slide
     from histoscope.pipeline import LocalExecutor, tile_slides
     from histoscope.tiling import read_patches

@@ -1,10 +1,59 @@
-"""Shared fixtures: small realistic slides written once per test session."""
+"""Shared fixtures: small realistic slides written once per test session, one torch thread for tiny models."""
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from histoscope.io.sample import make_sample_slide
+
+
+def _run_until_line(cmd: list[str], predicate, *, timeout: float = 300) -> tuple[subprocess.Popen, str | None]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    fd, pending = proc.stderr.fileno(), b""
+    while select.select([fd], [], [], timeout)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:  # the process closed stderr: it has ended
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if predicate(line.decode(errors="replace")):
+                return proc, line.decode(errors="replace")
+    return proc, None
+
+
+@pytest.fixture
+def run_until_line():
+    """``run_until_line(cmd, predicate)``: start ``cmd`` and block on its stderr pipe until a
+    line satisfies ``predicate`` (the CLI prints one line per finished slide when stderr is
+    not a terminal). Returns the still-running process and that line, or None as the line
+    if the process ended (or 300 s passed) first."""
+    return _run_until_line
+
+
+def histoscope_command(*args: str) -> list[str]:
+    """The ``histoscope`` CLI of this checkout (PYTHONPATH carries over to the child)."""
+    return [sys.executable, "-m", "histoscope.cli.main", *args]
+
+
+@pytest.fixture
+def histoscope_cli():
+    """``histoscope_cli(*args)``: the command line running the ``histoscope`` CLI in a new process."""
+    return histoscope_command
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on 2 cores: OpenMP hand-offs between threads cost more than the maths."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
@@ -18,7 +15,7 @@ from typer.testing import CliRunner
 from histoscope import open_slide
 from histoscope.cli.main import app
 from histoscope.encoders import load_tile_encoder
-from histoscope.encoders.extract import EmbedParams, embed_slides
+from histoscope.pipeline.embed import EmbedParams, embed_slides
 from histoscope.io.features_h5 import read_features
 from histoscope.io.sample import make_sample_slide
 from histoscope.pipeline import LocalExecutor, tile_slides
@@ -118,21 +115,19 @@ def test_missing_patches_fail_that_slide_only(tiled, tmp_path):
     assert result.records["other"]["status"] == "failed" and "histoscope tile" in result.records["other"]["error"]
 
 
-def test_killed_embed_resumes(tiled, tmp_path):
+def test_killed_embed_resumes(tiled, tmp_path, histoscope_cli, run_until_line):
     out = tmp_path / "out"
     slides = tmp_path / "slides"
     for i in range(3):
         make_sample_slide(slides / f"k{i}.svs", width=2048, height=2048, mpp=0.25, seed=60 + i)
     assert tile_slides([slides], out_dir=out, executor=LocalExecutor(workers=0), progress=False).ok
-    cmd = [sys.executable, "-m", "histoscope.cli.main", "embed", str(slides), "--out", str(out), "--encoder", "uni",
-           "--weights", str(tiled / "uni_tiny.bin"), "--devices", "cpu", "--dtype", "fp32", "--workers", "0",
-           "--batch-size", "4"] + [a for k, v in TINY.items() for a in ("--arch", f"{k}={v}")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list((out / "features_uni").glob("k*.h5")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    cmd = histoscope_cli("embed", str(slides), "--out", str(out), "--encoder", "uni", "--weights",
+                             str(tiled / "uni_tiny.bin"), "--devices", "cpu", "--dtype", "fp32", "--workers", "0",
+                             "--batch-size", "4", *[a for k, v in TINY.items() for a in ("--arch", f"{k}={v}")])
+    proc, line = run_until_line(cmd, lambda text: text.startswith("embed ") and text.endswith(": ok"))
+    proc.kill()  # as soon as the first slide's features are complete
     proc.wait()
+    assert line is not None, "the embed run never reported a finished slide"
     done = sorted(p.name for p in (out / "features_uni").glob("k*.h5"))
     assert 1 <= len(done) < 3
     assert subprocess.run(cmd, capture_output=True).returncode == 0
@@ -164,7 +159,7 @@ def test_cli_run_tiles_and_embeds(tiled, tmp_path):
 
 
 def test_embed_slide_in_three_lines_matches_pipeline(tiled):
-    from histoscope.encoders.extract import embed_slide
+    from histoscope.pipeline.embed import embed_slide
 
     encoder = load_tile_encoder("uni", weights=tiled / "uni_tiny.bin", **TINY)
     features, coords = embed_slide(tiled / "slides" / "s1.svs", encoder, batch_size=16)
@@ -197,11 +192,13 @@ def test_clam_patch_files_at_a_coarser_level(tiled, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_encoder_gives_the_same_features(tiled):
-    """`--compile` (torch.compile, Inductor) changes speed, not results."""
+    """`--compile` (torch.compile, Inductor) changes speed, not results. One batch holds every
+    tile of the smaller slide, so Inductor compiles one graph (a second batch shape would recompile)."""
     out = tiled / "out"
     embed_slides([tiled / "slides" / "s1.svs"], out_dir=out, params=_params(tiled), progress=False)
     compiled = embed_slides([tiled / "slides" / "s1.svs"], out_dir=out,
-                            params=_params(tiled, compile=True, output_name="compiled"), progress=False)
+                            params=_params(tiled, compile=True, batch_size=64, workers=0, output_name="compiled"),
+                            progress=False)
     assert compiled.ok, compiled.records
     np.testing.assert_allclose(read_features(out / "features_compiled" / "s1.h5")[0],
                                read_features(out / "features_uni" / "s1.h5")[0], rtol=1e-4, atol=1e-4)

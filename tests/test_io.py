@@ -15,6 +15,7 @@ from histoscope import open_slide
 from histoscope.io import CorruptSlideError, MissingMppError, UnsupportedSlideError, select_backend
 from histoscope.io.mpp import mpp_from_aperio, mpp_from_ome, mpp_from_resolution
 from histoscope.io.sample import SVS_ASSOCIATED, make_sample_slide, split_jpeg_tables
+from histoscope.tiling import TileGeometry
 
 
 def _openslide_rgb(path, location, level, size):
@@ -87,7 +88,7 @@ def test_missing_mpp_names_file_and_flag(slides_dir):
     with pytest.raises(MissingMppError) as info:
         slide.mpp
     assert "nompp.svs" in str(info.value) and "--slide-mpp" in str(info.value)
-    assert open_slide(sample.path, mpp=0.25).mpp == 0.25
+    assert open_slide(sample.path, slide_mpp=0.25).mpp == 0.25
 
 
 def test_png_roi_with_and_without_physical_size(tmp_path, svs_slide):
@@ -111,7 +112,7 @@ def test_single_level_tiff_and_jpeg_roi(tmp_path, svs_slide):
         assert roi.mpp == pytest.approx(0.25, rel=1e-4)
         np.testing.assert_array_equal(roi.read_region((0, 0), 0, (320, 240)), region)
     Image.fromarray(region).save(tmp_path / "roi.jpg", quality=95)
-    with open_slide(tmp_path / "roi.jpg", mpp=0.25) as roi:
+    with open_slide(tmp_path / "roi.jpg", slide_mpp=0.25) as roi:
         assert roi.dimensions == (320, 240)
         np.testing.assert_array_equal(roi.read_region((0, 0), 0, (320, 240)),
                                       np.asarray(Image.open(tmp_path / "roi.jpg").convert("RGB")))
@@ -244,9 +245,9 @@ def test_read_region_returns_writable_copy(svs_slide):
 
 def test_read_tiles_at_half_micron_from_quarter_micron_slide(svs_slide):
     slide = open_slide(svs_slide.path)
-    level, read, covered = slide.tile_geometry(256, 0.5)
+    geometry = TileGeometry.for_slide(slide, size=256, mpp=0.5)
     # Levels are 0.25 / 1.0 / 4.0 µm: the coarsest at least as fine as 0.5 is level 0.
-    assert (level, read, covered) == (0, 512, 512)
+    assert (geometry.read_level, geometry.read_size, geometry.size_level0) == (0, 512, 512)
     coords = np.array([[1024, 512], [2048, 1536], [3584, 2560]])
     tiles = slide.read_tiles(coords, size=256, mpp=0.5)
     assert tiles.shape == (3, 256, 256, 3) and tiles.dtype == np.uint8
@@ -257,7 +258,8 @@ def test_read_tiles_at_half_micron_from_quarter_micron_slide(svs_slide):
 
 def test_read_tiles_uses_level_at_target_resolution(tiff_slide):
     slide = open_slide(tiff_slide.path)
-    assert slide.tile_geometry(256, 0.5) == (1, 256, 512)  # level 1 is 0.5 µm/px: no resizing
+    geometry = TileGeometry.for_slide(slide, size=256, mpp=0.5)
+    assert (geometry.read_level, geometry.read_size, geometry.size_level0) == (1, 256, 512)  # level 1: no resizing
     tiles = slide.read_tiles([[512, 1024]], size=256, mpp=0.5)
     np.testing.assert_array_equal(tiles[0], slide.read_region((512, 1024), 1, (256, 256)))
     # Native level-0 tiles when no mpp is given.

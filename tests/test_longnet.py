@@ -202,7 +202,7 @@ def test_layer_parameter_names_and_chunking():
 
 def test_grid_position_known_values():
     """coords (512, 256), tile 256 → gx = 2, gy = 1; PE = [sin(gy ω), cos(gy ω), sin(gx ω), cos(gx ω)]."""
-    model = LongNetSlideEncoder(in_dim=8, embed_dim=768, depth=0)
+    model = load_slide_model("gigapath_slide", in_dim=8, embed_dim=768, depth=0)
     pe = model.position_embedding(torch.tensor([[[512.0, 256.0]]]), torch.float64)[0, 0]
     for t in (0, 1, 57, 191):
         omega = 10000 ** (-t / 192)
@@ -233,7 +233,7 @@ def test_positions_match_the_official_table_including_wrap():
     """Row ``floor(x/t)·ngrids + floor(y/t) + 1`` of the official table, also when gy ≥ ngrids."""
     ngrids, tile = 7, 256
     table = torch.from_numpy(_mae_table(16, ngrids))
-    model = LongNetSlideEncoder(in_dim=8, embed_dim=16, depth=0, slide_ngrids=ngrids, tile_size=tile)
+    model = load_slide_model("gigapath_slide", in_dim=8, embed_dim=16, depth=0, slide_ngrids=ngrids, tile_size=tile)
     gen = torch.Generator().manual_seed(0)
     coords = torch.randint(0, ngrids * tile, (1, 40, 2), generator=gen).double()
     coords[0, :3] = torch.tensor([[0.0, 0.0], [6 * tile + 255, 8 * tile], [2 * tile, 9 * tile + 3]])  # gy ≥ 7 wraps

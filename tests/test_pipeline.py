@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import h5py
@@ -102,7 +100,7 @@ def test_slide_mpp_override_and_csv_column(cohort, tmp_path):
     csv = tmp_path / "cohort.csv"
     csv.write_text(f"path,slide_id,mpp\n{cohort / 'no_mpp.svs'},case-1,0.25\n{cohort / 'good_b.tiff'},case-2,\n")
     jobs = collect_slides([csv], slide_mpp=None)
-    assert [(j.name, j.mpp) for j in jobs] == [("case-1", 0.25), ("case-2", None)]
+    assert [(j.name, j.slide_mpp) for j in jobs] == [("case-1", 0.25), ("case-2", None)]
     result = tile_slides([csv], out_dir=tmp_path / "out", executor=LocalExecutor(workers=0), progress=False)
     assert result.ok
     assert read_patches(tmp_path / "out" / "patches" / "case-1_patches.h5")[1]["level0_mpp"] == 0.25
@@ -154,21 +152,16 @@ def test_cli_info_and_sample_slide(tmp_path):
     assert missing.exit_code == 2 and "nope.svs" in missing.output
 
 
-def test_killed_run_resumes_without_half_written_files(tmp_path):
+def test_killed_run_resumes_without_half_written_files(tmp_path, histoscope_cli, run_until_line):
     slides = tmp_path / "slides"
     for i in range(4):
         make_sample_slide(slides / f"s{i}.svs", width=3072, height=3072, mpp=0.25, seed=20 + i)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "histoscope.cli.main", "tile", str(slides), "--out", str(out), "--workers", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    report = out / "run_report.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill as soon as the first slide is recorded
-        if report.exists() and '"status": "ok"' in report.read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    cmd = histoscope_cli("tile", str(slides), "--out", str(out), "--workers", "0")
+    proc, line = run_until_line(cmd, lambda text: text.startswith("tile ") and text.endswith(": ok"))
+    proc.kill()  # as soon as the first slide is recorded
     proc.wait()
+    assert line is not None, "the tile run never reported a finished slide"
     done_before = sorted(p.name for p in (out / "patches").glob("*.h5"))
     assert 1 <= len(done_before) < 4
     for path in (out / "patches").glob("*.h5"):  # whatever exists is complete
@@ -176,7 +169,7 @@ def test_killed_run_resumes_without_half_written_files(tmp_path):
             assert f["coords"].shape[1] == 2
     resumed = subprocess.run(cmd, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    report_data = json.loads(report.read_text())["slides"]
+    report_data = json.loads((out / "run_report.json").read_text())["slides"]
     skipped = {r["slide"] for r in report_data if r.get("skipped")}
     assert {name.replace("_patches.h5", "") for name in done_before} <= skipped
     assert len(list((out / "patches").glob("*.h5"))) == 4

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 import typer
+from matplotlib import colormaps
 from PIL import Image
 from typer.testing import CliRunner
 
 from histoscope import open_slide
 from histoscope.cli.slide_cmds import register
-from histoscope.io.features_h5 import write_features
+from histoscope.io.features_h5 import read_features, write_features
 from histoscope.io.sample import make_sample_slide
 from histoscope.predict import paint_heatmap, percentile_scores, predict_slides, tiles_geojson
+from histoscope.slide.trained import load_trained_model
 from histoscope.train import TrainConfig, train
-from histoscope.train.synthetic import COORDS_ATTRS, make_mil_cohort
+from histoscope.train.synthetic import GEOMETRY, make_mil_cohort
 
 KEY = [1, 6, 10]  # key tiles of the positive slide on its 4 x 3 grid
 
@@ -44,58 +46,84 @@ def setup(tmp_path_factory):
         features = rng.normal(size=(12, 32)).astype(np.float32)
         if name == "positive":
             features[KEY] += 5 * cohort.direction.astype(np.float32)
-        write_features(features_dir / f"{name}.h5", features, grid, coords_attrs=COORDS_ATTRS)
+        write_features(features_dir / f"{name}.h5", features, grid, coords_attrs=GEOMETRY.attrs())
     (slides_dir / "corrupt.svs").write_bytes((slides_dir / "positive.svs").read_bytes()[:5000])
-    write_features(features_dir / "corrupt.h5", rng.normal(size=(12, 32)), grid, coords_attrs=COORDS_ATTRS)
+    write_features(features_dir / "corrupt.h5", rng.normal(size=(12, 32)), grid, coords_attrs=GEOMETRY.attrs())
     make_sample_slide(slides_dir / "no_features.svs", width=1024, height=1024, mpp=0.25, seed=3)
     return {"root": root, "checkpoint": root / "run" / "fold_0" / "checkpoint.pt", "features": features_dir,
             "slides": slides_dir, "grid": grid}
+
+
+def _by_hand(checkpoint, features_path):
+    """The checkpoint's model applied to one features file: (class probabilities (C,), tile scores (N,))."""
+    trained = load_trained_model(checkpoint)
+    features, coords, _ = read_features(features_path)
+    with torch.no_grad():
+        output = trained.model(torch.from_numpy(features)[None], torch.from_numpy(coords).float()[None])
+    logits = output.logits[0].double().numpy()
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    return dict(zip(trained.outputs.class_names, probs)), output.scores[0].double().numpy()
 
 
 def test_predict_writes_heatmap_tiles_geojson_and_top_tiles(setup, tmp_path):
     slides = setup["slides"]
     result = predict_slides(setup["checkpoint"], features_dir=setup["features"], out_dir=tmp_path,
                             slides=[slides / "positive.svs", slides / "negative.svs"], top_k=3, thumbnail_size=512,
-                            device="cpu")
+                            device="cpu", precision="fp32")
     assert result.ok
     rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "predictions.csv"))}
-    assert rows["positive"]["pred_label"] == "positive" and float(rows["positive"]["prob_positive"]) > 0.5
-    assert rows["negative"]["pred_label"] == "negative"
-    assert json.loads((tmp_path / "predictions.json").read_text())["slides"][0]["slide_id"] == "positive"
+    listed = {r["slide_id"]: r for r in json.loads((tmp_path / "predictions.json").read_text())["slides"]}
+    assert list(listed) == ["positive", "negative"]
+    for name in ("positive", "negative"):
+        probs, _ = _by_hand(setup["checkpoint"], setup["features"] / f"{name}.h5")
+        assert rows[name]["pred_label"] == listed[name]["pred_label"] == max(probs, key=probs.get)
+        for label, prob in probs.items():
+            assert float(rows[name][f"prob_{label}"]) == pytest.approx(prob, rel=1e-5, abs=1e-7)
+            assert listed[name][f"prob_{label}"] == pytest.approx(prob, rel=1e-5, abs=1e-7)
+    assert rows["positive"]["pred_label"] == "positive" and rows["negative"]["pred_label"] == "negative"
 
     out = tmp_path / "positive"
+    _, expected_scores = _by_hand(setup["checkpoint"], setup["features"] / "positive.h5")
+    ranks = np.argsort(np.argsort(expected_scores)) / (len(expected_scores) - 1)  # distinct scores: rank / (N - 1)
     tiles = list(csv.DictReader(open(out / "tile_scores.csv")))
     assert [[int(t["x"]), int(t["y"])] for t in tiles] == setup["grid"].tolist()
     scores = np.array([float(t["score"]) for t in tiles])
-    assert scores.sum() == pytest.approx(1.0, abs=1e-2)  # attention weights (bf16 on AMX CPUs)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose([float(t["percentile"]) for t in tiles], ranks)
     assert set(np.argsort(-scores)[:3].tolist()) == set(KEY)
 
+    # The 512 x 384 thumbnail of the 2048 x 1536 slide shows each 512-px tile as a 128-px block,
+    # half the slide's pixel and half the jet colour of the tile's percentile.
     with open_slide(setup["slides"] / "positive.svs") as slide:
         thumbnail = slide.thumbnail(512)
         top_coords = setup["grid"][np.argsort(-scores)[:3]]
         expected_tiles = slide.read_tiles(top_coords, size=256, mpp=0.5)
     heatmap = np.asarray(Image.open(out / "heatmap.png"))
     assert heatmap.shape == thumbnail.shape == (384, 512, 3)
-    assert np.abs(heatmap.astype(int) - thumbnail).mean() > 10  # the whole slide is covered by tiles
+    for (x, y), rank in zip(setup["grid"] // 4, ranks):
+        colour = (np.array(colormaps["jet"](rank)[:3]) * 255).round()
+        expected = (0.5 * thumbnail[y : y + 128, x : x + 128] + 0.5 * colour).round()
+        np.testing.assert_array_equal(heatmap[y : y + 128, x : x + 128], expected)
 
     top = sorted((out / "top_tiles").glob("*.png"))
     assert [p.name.split("_")[0] for p in top] == ["01", "02", "03"]
-    x, y = top_coords[0]
-    assert top[0].name == f"01_x{x}_y{y}.png"
-    np.testing.assert_array_equal(np.asarray(Image.open(top[0])), expected_tiles[0])
+    for path, (x, y), expected_tile in zip(top, top_coords, expected_tiles):
+        assert path.name.endswith(f"_x{x}_y{y}.png")
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), expected_tile)
 
     collection = json.loads((out / "tiles.geojson").read_text())
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 12
-    for feature, (x, y), score in zip(collection["features"], setup["grid"], scores):
+    for feature, (x, y), score, rank in zip(collection["features"], setup["grid"], expected_scores, ranks):
         ring = feature["geometry"]["coordinates"][0]
         assert feature["geometry"]["type"] == "Polygon"
         assert ring == [[x, y], [x + 512, y], [x + 512, y + 512], [x, y + 512], [x, y]]
         props = feature["properties"]
         assert props["objectType"] == "tile"
-        assert props["measurements"]["attention"] == pytest.approx(score)
-        color = props["classification"]["color"]
-        assert len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)
-        assert props["classification"]["name"].startswith("attention ")
+        assert props["measurements"]["attention"] == pytest.approx(score, rel=1e-5)
+        assert props["measurements"]["attention_percentile"] == pytest.approx(rank)
+        decile = min(int(rank * 10), 9)  # QuPath class: the score's decile, drawn in its middle colour
+        assert props["classification"]["name"] == f"attention {10 * decile}-{10 * decile + 10}%"
+        assert props["classification"]["color"] == (np.array(colormaps["jet"]((decile + 0.5) / 10)[:3]) * 255).round().tolist()
 
 
 def test_bad_slides_are_reported_and_the_rest_finish(setup, tmp_path):
@@ -134,8 +162,14 @@ def test_cli_predict_exit_codes(setup, tmp_path):
 
 def test_features_only_predicts_every_features_file(setup, tmp_path):
     result = predict_slides(setup["checkpoint"], features_dir=setup["features"], out_dir=tmp_path, device="cpu",
-                            object_type="detection")
+                            precision="fp32", object_type="detection")
     assert sorted(result.records) == ["corrupt", "negative", "positive"] and result.ok
+    rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "predictions.csv"))}
+    for name in rows:
+        probs, scores = _by_hand(setup["checkpoint"], setup["features"] / f"{name}.h5")
+        assert float(rows[name]["prob_positive"]) == pytest.approx(probs["positive"], rel=1e-5, abs=1e-7)
+        tile_scores = [float(t["score"]) for t in csv.DictReader(open(tmp_path / name / "tile_scores.csv"))]
+        np.testing.assert_allclose(tile_scores, scores, rtol=1e-5, atol=1e-8)
     assert not (tmp_path / "positive" / "heatmap.png").exists()
     feature = json.loads((tmp_path / "positive" / "tiles.geojson").read_text())["features"][0]
     assert feature["properties"]["objectType"] == "detection"
@@ -147,8 +181,6 @@ def test_heatmap_painting_and_percentiles():
     thumbnail = np.full((10, 20, 3), 200, np.uint8)  # a 2000 x 1000 slide at 1/100
     painted = paint_heatmap(thumbnail, np.array([[0, 0], [1000, 500]]), 500, (2000, 1000), np.array([0.0, 1.0]),
                             alpha=1.0)
-    from matplotlib import colormaps
-
     low = (np.array(colormaps["jet"](0.0)[:3]) * 255).round()
     high = (np.array(colormaps["jet"](1.0)[:3]) * 255).round()
     assert np.array_equal(painted[0:5, 0:5].reshape(-1, 3), np.tile(low, (25, 1)))

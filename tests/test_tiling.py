@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from histoscope import open_slide
-from histoscope.tiling import read_patches, tile_grid, write_patches
+from histoscope.tiling import TileGeometry, read_patches, tile_grid, write_patches
 from histoscope.tiling.dataset import TileSource, TileStream, tile_loader
 
 
@@ -27,8 +27,9 @@ class _RectTissue:
 def test_half_micron_tiles_from_quarter_micron_slide(svs_slide):
     slide = open_slide(svs_slide.path)
     grid = tile_grid(slide, _RectTissue(1024, 512, 2048, 1536), size=256, mpp=0.5, min_tissue=0.5)
-    assert grid.patch_size == 256 and grid.patch_size_level0 == 512
-    assert grid.level0_mpp == pytest.approx(0.25) and grid.target_mpp == 0.5
+    geometry = grid.geometry
+    assert geometry.size == 256 and geometry.size_level0 == 512
+    assert geometry.level0_mpp == pytest.approx(0.25) and geometry.mpp == 0.5
     expected = {(x, y) for x in (1024, 1536) for y in (512, 1024)}
     assert {tuple(c) for c in grid.coords.tolist()} == expected
     assert grid.coords.dtype == np.int64
@@ -46,8 +47,8 @@ def test_grid_threshold_overlap_and_native_slides(tiff_slide, svs_slide):
     xs = np.unique(grid.coords[:, 0])
     assert xs[:3].tolist() == [0, 256, 512] and grid.overlap == 128
     # A 0.5 µm/px slide tiled at 0.5 µm/px: one level-0 px per target px.
-    native = open_slide(svs_slide.path, mpp=0.5)
-    assert tile_grid(native, None, size=256, mpp=0.5).patch_size_level0 == 256
+    native = open_slide(svs_slide.path, slide_mpp=0.5)
+    assert tile_grid(native, None, size=256, mpp=0.5).geometry.size_level0 == 256
     with pytest.raises(ValueError, match="overlap"):
         tile_grid(slide, None, size=256, mpp=0.5, overlap=256)
 
@@ -71,6 +72,25 @@ def test_patches_h5_matches_trident_and_clam_layout(tmp_path, svs_slide):
     np.testing.assert_array_equal(coords, grid.coords)
     assert meta["name"] == "aperio"
     assert not list((tmp_path / "patches").glob(".*"))  # no temporary files left
+
+
+def test_tile_geometry_round_trips_through_each_file_layout(tmp_path, svs_slide):
+    slide = open_slide(svs_slide.path)
+    grid = tile_grid(slide, _RectTissue(0, 0, 2048, 2048), size=256, mpp=0.5)
+    _, attrs = read_patches(write_patches(tmp_path / "s_patches.h5", grid, slide_name="s"))
+    assert TileGeometry.from_attrs(attrs) == grid.geometry
+    # TRIDENT stores no resolutions: the slide's level-0 mpp gives the target one.
+    trident = {"patch_size": 256, "patch_size_level0": 512}
+    assert TileGeometry.from_attrs(trident).mpp is None
+    assert TileGeometry.from_attrs(trident, level0_mpp=0.25).mpp == 0.5
+    # CLAM: patch_size px at a level whose downsample it stores.
+    clam = TileGeometry.from_attrs({"patch_size": 256, "patch_level": 1, "downsample": np.array([4.0, 4.0])},
+                                   level0_mpp=0.25)
+    assert (clam.size, clam.size_level0, clam.mpp) == (256, 1024, 1.0)
+    # Resolutions without the level-0 size: derived from them.
+    assert TileGeometry.from_attrs({"patch_size": 224, "target_mpp": 0.5, "level0_mpp": 0.25}).size_level0 == 448
+    with pytest.raises(ValueError, match="patch_size_level0"):
+        TileGeometry.from_attrs({"patch_size": 256, "target_mpp": 0.5})
 
 
 def test_tile_stream_yields_every_tile_once_across_workers(svs_slide, tiff_slide):

@@ -159,7 +159,7 @@ def test_small_holes_filled_small_pieces_dropped(tmp_path):
     image[30:80, 140:190] = pink  # 400 µm piece: 160,000 µm², kept
     path = tmp_path / "known.png"
     cv2.imwrite(str(path), image[..., ::-1])
-    with open_slide(path, mpp=8.0) as slide:
+    with open_slide(path, slide_mpp=8.0) as slide:
         mask = segment_tissue(slide).mask
     assert mask[40:46, 40:46].all()
     assert not mask[102:128, 62:88].any()

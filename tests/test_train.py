@@ -17,35 +17,27 @@ from typer.testing import CliRunner
 from histoscope.cli.slide_cmds import register
 from histoscope.io.features_h5 import read_features, write_features
 from histoscope.slide import list_slide_models, load_slide_model
+from histoscope.io.columns import read_columns
+from histoscope.slide.bags import collate_bags
+from histoscope.slide.trained import load_trained_model
 from histoscope.train import (
     BagDataset,
     ConfigError,
     FeatureCache,
     TrainConfig,
-    collate_bags,
     cox_loss,
     discrete_time_nll,
     load_recipe,
-    load_trained_model,
     make_splits,
     make_task,
     read_table,
     time_bins,
     train,
 )
-from histoscope.train.run import read_columns
 from histoscope.train.synthetic import make_mil_cohort, make_survival_cohort
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on 2 cores: OpenMP hand-offs between threads cost more than the maths.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(cohort, out: Path, **overrides) -> TrainConfig:
@@ -196,7 +188,7 @@ def test_every_registered_model_trains_in_bf16_and_reloads(name, small_mil, tmp_
                             bootstrap=10))
     assert results["pooled"]["n"] == 12
     trained = load_trained_model(tmp_path / "fold_0" / "checkpoint.pt")
-    assert trained.meta["histoscope_model"] == name and trained.task.class_names == ["negative", "positive"]
+    assert trained.meta["histoscope_model"] == name and trained.outputs.class_names == ["negative", "positive"]
     if "tile_size" in trained.meta["arch"]:  # position-aware models index the 512-px level-0 grid of the features
         assert trained.meta["arch"]["tile_size"] == 512
 

@@ -31,7 +31,7 @@ def load_slide_model(name, *, weights=None, **kwargs):
 
 def embed_slide(slide, encoder, **kwargs):
     """Tissue → tiles → embeddings for one slide in memory (see
-    :func:`histoscope.encoders.extract.embed_slide`)."""
-    from histoscope.encoders.extract import embed_slide as _embed
+    :func:`histoscope.pipeline.embed_slide`)."""
+    from histoscope.pipeline.embed import embed_slide as _embed
 
     return _embed(slide, encoder, **kwargs)

@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
+from histoscope.tiling.grid import DEFAULT_MIN_TISSUE
+
 app = typer.Typer(
     help="histoscope: gigapixel slides → tissue → tiles at exact microns → embeddings → predictions.",
     no_args_is_help=True,
@@ -37,7 +40,7 @@ def info(
     from histoscope.io import SlideError, open_slide
 
     try:
-        with open_slide(slide, mpp=slide_mpp, backend=backend) as s:
+        with open_slide(slide, slide_mpp=slide_mpp, backend=backend) as s:
             data = s.info()
     except (SlideError, FileNotFoundError) as error:
         _fail(str(error))
@@ -81,10 +84,10 @@ def sample_slide(
 def tile(
     slides: SlidesArg,
     out: OutOpt,
-    mpp: Annotated[float, typer.Option(help="Target resolution of the tiles in µm/px.")] = 0.5,
-    size: Annotated[int, typer.Option(help="Tile edge in px at the target resolution.")] = 256,
+    mpp: Annotated[float, typer.Option(help="Target resolution of the tiles in µm/px.")] = DEFAULT_MPP,
+    size: Annotated[int, typer.Option(help="Tile edge in px at the target resolution.")] = DEFAULT_SIZE,
     overlap: Annotated[int, typer.Option(help="Overlap between neighbouring tiles in px.")] = 0,
-    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a kept tile.")] = 0.1,
+    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a kept tile.")] = DEFAULT_MIN_TISSUE,
     slide_mpp: SlideMppOpt = None,
     workers: WorkersOpt = 1,
     backend: Annotated[str, typer.Option(help="Slide reader: auto, tiff, openslide or image.")] = "auto",
@@ -103,10 +106,12 @@ def tile(
 
 
 def _summarise(result, out: Path, *, exit_on_failure: bool = True) -> None:
+    from histoscope.pipeline.batch import report_path
+
     done = [r for r in result.records.values() if r["status"] == "ok"]
     tiles = sum(r.get("tiles", 0) or 0 for r in done)
     skipped = sum(bool(r.get("skipped")) for r in done)
-    typer.echo(f"{len(done)} slide(s) ok ({skipped} already done), {tiles} tiles; report: {out / 'run_report.json'}")
+    typer.echo(f"{len(done)} slide(s) ok ({skipped} already done), {tiles} tiles; report: {report_path(out)}")
     for name in result.failed:
         typer.secho(f"FAILED {name}: {result.records[name].get('error')}", fg=typer.colors.RED, err=True)
     if result.failed and exit_on_failure:
@@ -134,7 +139,7 @@ ArchOpt = Annotated[Optional[list[str]], typer.Option("--arch", help="Architectu
 
 
 def _embed_params(encoder, weights, batch_size, workers, devices, dtype, compile_, arch):
-    from histoscope.encoders.extract import EmbedParams
+    from histoscope.pipeline.embed import EmbedParams
 
     return EmbedParams(encoder=encoder, weights=weights, batch_size=batch_size, workers=workers,
                        devices=tuple(d.strip() for d in devices.split(",") if d.strip()), dtype=dtype,
@@ -156,11 +161,12 @@ def embed(
     arch: ArchOpt = None,
 ) -> None:
     """Embed the tiles listed by `histoscope tile` into OUT/features_<encoder>/<slide>.h5."""
-    from histoscope.encoders.extract import embed_slides
+    from histoscope.io.features_h5 import features_folder
+    from histoscope.pipeline.embed import embed_slides
 
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, compile_, arch)
     result = _guarded(lambda: embed_slides(slides, out_dir=out, params=params, slide_mpp=slide_mpp))
-    _summarise(result, out / f"features_{params.folder_name}")
+    _summarise(result, features_folder(out, params.folder_name))
 
 
 @app.command()
@@ -169,8 +175,8 @@ def run(
     out: OutOpt,
     encoder: EncoderOpt = "uni",
     weights: WeightsOpt = None,
-    mpp: Annotated[Optional[float], typer.Option(help="Tile resolution in µm/px (default: the encoder's native one, else 0.5).")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Tile edge in px (default: the encoder's native tile, else 256).")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help=f"Tile resolution in µm/px (default: the encoder's native one, else {DEFAULT_MPP}).")] = None,
+    size: Annotated[Optional[int], typer.Option(help=f"Tile edge in px (default: the encoder's native tile, else {DEFAULT_SIZE}).")] = None,
     slide_mpp: SlideMppOpt = None,
     workers: WorkersOpt = 2,
     batch_size: BatchOpt = 64,
@@ -179,21 +185,20 @@ def run(
     arch: ArchOpt = None,
 ) -> None:
     """Tile and embed in one go (tissue → tiles → features)."""
-    from histoscope.encoders import get_tile_encoder_spec
-    from histoscope.encoders.extract import embed_slides
+    from histoscope.encoders.registry import get_tile_encoder_spec
+    from histoscope.io.features_h5 import features_folder
     from histoscope.pipeline import TileParams, collect_slides, tile_slides
+    from histoscope.pipeline.embed import embed_slides, encoder_tiling
 
     spec = _guarded(lambda: get_tile_encoder_spec(encoder))
-    # The encoder's own training geometry: e.g. 256 px at 0.5 µm/px for UNI, 224 for Virchow.
-    mpp = mpp or spec.native_mpp or 0.5
-    size = size or spec.native_tile or 256
+    mpp, size = encoder_tiling(spec, mpp=mpp, size=size)
     jobs = _guarded(lambda: collect_slides(slides, slide_mpp=slide_mpp))  # keeps CSV slide ids and mpp
     tiled = _guarded(lambda: tile_slides(jobs, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers))
     _summarise(tiled, out, exit_on_failure=False)
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, False, arch)
     ok = [job for job in jobs if tiled.records[job.name]["status"] == "ok"]
     embedded = _guarded(lambda: embed_slides(ok, out_dir=out, params=params))
-    _summarise(embedded, out / f"features_{params.folder_name}", exit_on_failure=False)
+    _summarise(embedded, features_folder(out, params.folder_name), exit_on_failure=False)
     if tiled.failed or embedded.failed:
         raise typer.Exit(1)
 
@@ -249,9 +254,10 @@ def demo(
     Tissue → tiles at 0.5 µm/px → embeddings by a small ViT with explicitly random
     weights, since no pretrained weights can ship with the package.
     """
-    from histoscope.encoders.extract import EmbedParams, embed_slides
+    from histoscope.io.features_h5 import features_folder
     from histoscope.io.sample import make_sample_slide
     from histoscope.pipeline import tile_slides
+    from histoscope.pipeline.embed import EmbedParams, embed_slides
 
     slide_path = out / "slides" / "sample.svs"
     if not slide_path.exists():
@@ -264,7 +270,7 @@ def demo(
     params = EmbedParams(encoder="timm:vit_small_patch16_224", weights="random", workers=workers, batch_size=32,
                          output_name="demo_vit_small_random")
     embedded = embed_slides([slide_path], out_dir=out, params=params)
-    _summarise(embedded, out / f"features_{params.folder_name}")
+    _summarise(embedded, features_folder(out, params.folder_name))
 
 
 def _register_stage_commands() -> None:

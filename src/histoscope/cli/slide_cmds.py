@@ -32,8 +32,10 @@ def train(
 
     A rerun into the same folder resumes: finished folds are kept, an interrupted one continues.
     """
+    from histoscope.slide import SlideWeightsError
     from histoscope.train import ConfigError, load_recipe
     from histoscope.train import train as run_training
+    from histoscope.train.run import results_path
 
     items = list(overrides or [])
     if recipe is not None and "=" in str(recipe):  # no recipe file, overrides only
@@ -45,13 +47,13 @@ def train(
         if device is not None:
             config.device = device
         results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, SlideWeightsError) as error:
         _fail(str(error).strip("'\""))
     pooled = results["pooled"]
     typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")
     for name, entry in pooled["metrics"].items():
         typer.echo(f"  {name:18s} {entry['value']:.4f}  (95% CI {entry['ci_low']:.4f}–{entry['ci_high']:.4f})")
-    typer.echo(f"results: {Path(config.out_dir) / 'results.md'}")
+    typer.echo(f"results: {results_path(config.out_dir)}")
 
 
 def predict(
@@ -69,7 +71,7 @@ def predict(
     detections: Annotated[bool, typer.Option("--detections", help="GeoJSON tiles as QuPath detections instead of tiles.")] = False,
 ) -> None:
     """Per-slide predictions, tile-score heatmaps, QuPath GeoJSON and top tiles from a trained model."""
-    from histoscope.predict import predict_slides
+    from histoscope.predict import predict_slides, predictions_path
     from histoscope.slide import SlideWeightsError
 
     try:
@@ -80,7 +82,7 @@ def predict(
     except (FileNotFoundError, ValueError, SlideWeightsError, RuntimeError) as error:
         _fail(str(error))
     ok = len(result.records) - len(result.failed)
-    typer.echo(f"{ok} slide(s) predicted; {out / 'predictions.csv'}")
+    typer.echo(f"{ok} slide(s) predicted; {predictions_path(out)}")
     for name in result.failed:
         typer.secho(f"FAILED {name}: {result.records[name].get('error')}", fg=typer.colors.RED, err=True)
     if result.failed:

@@ -4,10 +4,13 @@
 ``(B, 3, H, W)`` to embeddings ``(B, D)``, with the published preprocessing as
 ``encoder.transform`` and the weights loaded strictly from the Hugging Face Hub or
 a local file.
+
+The registry (names and specs) is importable without torch, so ``histoscope models``
+lists it in an instant; the modules that build and run encoders are imported on
+first use.
 """
 
 from histoscope.encoders import families as _families  # noqa: F401  (registers the built-in encoders)
-from histoscope.encoders.encoder import TileEncoder, load_tile_encoder
 from histoscope.encoders.errors import (
     CorruptWeightsError,
     UnknownTileEncoderError,
@@ -16,7 +19,6 @@ from histoscope.encoders.errors import (
     WeightsMismatchError,
     WeightsNotFoundError,
 )
-from histoscope.encoders.preprocess import preprocess_tiles
 from histoscope.encoders.registry import (
     Pooling,
     Preprocess,
@@ -45,3 +47,13 @@ __all__ = [
     "register",
     "register_tile_encoder",
 ]
+
+_LAZY = {"TileEncoder": "encoder", "load_tile_encoder": "encoder", "preprocess_tiles": "preprocess"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,13 +22,13 @@ from histoscope.encoders.registry import (
 )
 from histoscope.encoders.weights import (
     RANDOM,
-    check_state_dict,
     clean_state_dict,
     load_weights,
-    read_checkpoint,
+    read_weights,
     resolve_weights,
     sha256_file,
 )
+from histoscope.io.checkpoint import compare_state_dict
 
 __all__ = ["TileEncoder", "load_tile_encoder"]
 
@@ -83,7 +83,7 @@ def _guess_owner(state_dict: dict[str, torch.Tensor], exclude: str, arch: dict) 
             converted, foreign = convert_checkpoint(spec.checkpoint_format, state_dict, model)
         except (TypeError, ValueError, AssertionError, RuntimeError, KeyError, AttributeError, IndexError):
             continue  # this family cannot even be built with these arguments, or the keys make no sense to it
-        if not foreign and not any(check_state_dict(model, converted)):
+        if not foreign and not any(compare_state_dict(model, converted)):
             fits.append(name)
     if not fits:
         return None
@@ -111,7 +111,7 @@ def load_tile_encoder(name: str, *, weights: str | Path | None = None, device: s
     """
     spec = _spec_for(name, weights)
     path = resolve_weights(spec, weights, token=token)
-    state_dict = clean_state_dict(read_checkpoint(path), unwrap=spec.unwrap, path=path) if path else None
+    state_dict = clean_state_dict(read_weights(path), unwrap=spec.unwrap, path=path) if path else None
     model = spec.builder(**arch)
     if state_dict is not None:
         load_weights(model, state_dict, spec, path=path,

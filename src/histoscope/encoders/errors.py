@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from histoscope.io.checkpoint import CheckpointError
+
 __all__ = [
     "CorruptWeightsError",
     "UnknownTileEncoderError",
@@ -38,12 +40,13 @@ class WeightsAccessError(WeightsError):
     """The Hugging Face Hub refused or could not serve the weights (gated, offline, missing token)."""
 
 
-class CorruptWeightsError(WeightsError):
+class CorruptWeightsError(WeightsError, CheckpointError):
     """The weights file exists but cannot be read (truncated, damaged, or not a checkpoint)."""
 
     def __init__(self, path: str | Path, reason: str):
         self.path = Path(path)
-        super().__init__(f"{self.path}: cannot read the weights file: {reason}")
+        self.reason = reason
+        Exception.__init__(self, f"{self.path}: cannot read the weights file: {reason}")
 
 
 class WeightsMismatchError(WeightsError):

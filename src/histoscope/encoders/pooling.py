@@ -5,10 +5,13 @@ Notation: B tiles, T tokens (prefix + patch), C channels, D embedding dim.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from histoscope.encoders.registry import Pooling
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["CLS_MEAN_PATCH", "FEATURE_MAP_MEAN", "MODEL_OUTPUT"]
 
@@ -19,6 +22,8 @@ def _identity(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
 
 def _cls_mean_patch(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     # tokens (B, T, C); prefix = class token + register tokens, which the model cards exclude from the mean
+    import torch
+
     patches = tokens[:, model.num_prefix_tokens :]
     return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)  # (B, 2C)
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from histoscope.encoders.errors import UnknownTileEncoderError
+
+if TYPE_CHECKING:  # specs are data: the registry never imports torch (builders do, when called)
+    import torch
+    from torch import nn
 
 __all__ = [
     "IMAGENET_MEAN",

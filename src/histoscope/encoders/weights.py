@@ -10,7 +10,6 @@ downloaded Hub snapshot), or ``"random"`` -- the only way to get an untrained mo
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from huggingface_hub.errors import (
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
 )
-from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from histoscope.encoders.convert import convert_checkpoint
@@ -36,14 +33,14 @@ from histoscope.encoders.errors import (
     WeightsNotFoundError,
 )
 from histoscope.encoders.registry import TileEncoderSpec
+from histoscope.io.checkpoint import CheckpointError, compare_state_dict, read_checkpoint
 
 __all__ = [
     "RANDOM",
-    "check_state_dict",
     "clean_state_dict",
     "download_from_hub",
     "load_weights",
-    "read_checkpoint",
+    "read_weights",
     "resolve_weights",
     "sha256_file",
 ]
@@ -129,30 +126,13 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _is_safetensors(path: Path) -> bool:
-    if path.suffix == ".safetensors":
-        return True
-    with open(path, "rb") as f:
-        head = f.read(9)  # u64 header length, then the JSON header
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def read_checkpoint(path: str | Path) -> object:
-    """The object stored in a weights file (safetensors, or ``torch.load(weights_only=True)``)."""
-    path = Path(path)
+def read_weights(path: str | Path) -> object:
+    """The object stored in a weights file (safetensors or ``torch.save``), read by the
+    project's one checkpoint reader; an unreadable file raises :class:`CorruptWeightsError`."""
     try:
-        if _is_safetensors(path):
-            return load_safetensors(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights_only" in str(err).lower() or "weights only" in str(err).lower():
-            raise CorruptWeightsError(
-                path, "it holds Python objects that cannot be loaded safely (torch.load weights_only=True). "
-                "If you trust the file, re-save just its state dict: "
-                "torch.save(torch.load(PATH, weights_only=False)['model'], 'clean.pth').") from err
-        raise CorruptWeightsError(path, f"not a valid checkpoint ({err})") from err
-    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CorruptWeightsError(path, f"truncated or damaged? ({type(err).__name__}: {err})") from err
+        return read_checkpoint(path, kind="weights")
+    except CheckpointError as err:
+        raise CorruptWeightsError(err.path, err.reason) from err
 
 
 def clean_state_dict(obj: object, *, unwrap: tuple[str, ...],
@@ -177,16 +157,6 @@ def clean_state_dict(obj: object, *, unwrap: tuple[str, ...],
     return out
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]):
-    """``(missing, unexpected, shape_mismatches)`` of ``state_dict`` against ``model``."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [(k, tuple(v.shape), tuple(expected[k].shape))
-                  for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
-    return missing, unexpected, mismatched
-
-
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], spec: TileEncoderSpec, *,
                  path: str | Path | None = None, hint: Callable[[], str | None] | None = None) -> None:
     """Convert a clean state dict from ``spec.checkpoint_format`` and load it strictly into ``model``.
@@ -194,7 +164,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], spec: Ti
     ``hint`` is called only on a mismatch, to suggest what the checkpoint is instead.
     """
     converted, foreign = convert_checkpoint(spec.checkpoint_format, state_dict, model)
-    missing, unexpected, mismatched = check_state_dict(model, converted)
+    missing, unexpected, mismatched = compare_state_dict(model, converted)
     unexpected = foreign + unexpected
     if missing or unexpected or mismatched:
         source = f" ({spec.hf_repo})" if spec.hf_repo else ""

@@ -35,5 +35,5 @@ class MissingMppError(SlideError):
             path,
             "no microns-per-pixel (mpp) in the slide metadata; histoscope never guesses it. "
             "Pass it explicitly: `--slide-mpp 0.25` on the command line, an `mpp` column in "
-            "the slide CSV, or `open_slide(path, mpp=0.25)` in Python.",
+            "the slide CSV, or `open_slide(path, slide_mpp=0.25)` in Python.",
         )

@@ -16,11 +16,18 @@ import numpy as np
 
 from histoscope.io.atomic import atomic_path
 
-__all__ = ["features_path", "write_features", "read_features", "FeaturesWriter"]
+__all__ = ["features_folder", "features_path", "write_features", "read_features", "read_coords_attrs",
+           "FeaturesWriter"]
 
 
-def features_path(out_dir: str | Path, encoder: str, slide_name: str) -> Path:
-    return Path(out_dir) / f"features_{encoder}" / f"{slide_name}.h5"
+def features_folder(out_dir: str | Path, name: str) -> Path:
+    """``OUT/features_<name>``: where ``histoscope embed`` puts one encoder's features files."""
+    return Path(out_dir) / f"features_{name}"
+
+
+def features_path(folder: str | Path, slide_name: str) -> Path:
+    """``<folder>/<slide>.h5``: a slide's features file in a features folder."""
+    return Path(folder) / f"{slide_name}.h5"
 
 
 def _set_attrs(dataset, attrs: dict[str, Any]) -> None:
@@ -118,3 +125,14 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
                 for key, value in f[dataset].attrs.items():
                     attrs[key] = value.item() if isinstance(value, np.generic) else value
     return features, coords, attrs
+
+
+def read_coords_attrs(path: str | Path) -> dict[str, Any]:
+    """The attributes of a features (or patches) file's ``coords``, without reading any rows."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "coords" not in f:
+            return {}
+        return {key: value.item() if isinstance(value, np.generic) else value
+                for key, value in f["coords"].attrs.items()}

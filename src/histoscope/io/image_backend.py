@@ -22,8 +22,8 @@ class ImageSlide(Slide):
 
     backend = "image"
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None):
-        super().__init__(path, mpp=mpp)
+    def __init__(self, path: str | Path, *, slide_mpp: float | None = None):
+        super().__init__(path, slide_mpp=slide_mpp)
         from PIL import Image, UnidentifiedImageError
 
         Image.MAX_IMAGE_PIXELS = None  # ROI files are trusted local data, not web uploads

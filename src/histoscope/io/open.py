@@ -60,14 +60,14 @@ def select_backend(path: str | Path) -> str:
     )
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None, backend: str = "auto") -> Slide:
+def open_slide(path: str | Path, *, slide_mpp: float | None = None, backend: str = "auto") -> Slide:
     """Open a whole-slide image or a plain image.
 
     Parameters
     ----------
     path : str or Path
         Slide file (or DICOM folder).
-    mpp : float, optional
+    slide_mpp : float, optional
         Level-0 µm/px overriding the file's metadata (required when it has none).
     backend : {"auto", "tiff", "openslide", "image"}
         ``auto`` picks the fast TIFF reader when the file is a plain tiled pyramid,
@@ -88,11 +88,11 @@ def open_slide(path: str | Path, *, mpp: float | None = None, backend: str = "au
     if backend == "tiff":
         from histoscope.io.tiff_backend import TiffSlide
 
-        return TiffSlide(path, mpp=mpp)
+        return TiffSlide(path, slide_mpp=slide_mpp)
     if backend == "openslide":
         from histoscope.io.openslide_backend import OpenSlideSlide
 
-        return OpenSlideSlide(path, mpp=mpp)
+        return OpenSlideSlide(path, slide_mpp=slide_mpp)
     from histoscope.io.image_backend import ImageSlide
 
-    return ImageSlide(path, mpp=mpp)
+    return ImageSlide(path, slide_mpp=slide_mpp)

@@ -41,8 +41,8 @@ class OpenSlideSlide(Slide):
 
     backend = "openslide"
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None):
-        super().__init__(path, mpp=mpp)
+    def __init__(self, path: str | Path, *, slide_mpp: float | None = None):
+        super().__init__(path, slide_mpp=slide_mpp)
         self._handle = None
         self._pid = -1
         handle = self._open()

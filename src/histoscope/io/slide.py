@@ -49,11 +49,12 @@ class Slide(abc.ABC):
 
     backend: str = "abstract"
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None):
+    def __init__(self, path: str | Path, *, slide_mpp: float | None = None):
         self.path = Path(path)
-        if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-            raise ValueError(f"{self.path}: mpp override must be a positive number, got {mpp!r}")
-        self._mpp_override = mpp
+        if slide_mpp is not None and not (slide_mpp > 0 and math.isfinite(slide_mpp)):
+            raise ValueError(f"{self.path}: slide_mpp (the level-0 µm/px override) must be a positive number, "
+                             f"got {slide_mpp!r}")
+        self._mpp_override = slide_mpp
         self.vendor = "unknown"
         self.properties = {}
         self.associated_images = ()
@@ -155,16 +156,15 @@ class Slide(abc.ABC):
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_level(level, x0, y0, x1 - x0, y1 - y0)
         return out
 
-    def tile_geometry(self, size: int, mpp: float | None) -> tuple[int, int, float]:
-        """(level, pixels read at that level, level-0 pixels covered) for one tile.
+    def read_plan(self, size: int, mpp: float | None) -> tuple[int, int]:
+        """(level, pixels read at that level) for a tile of ``size`` px at ``mpp`` µm/px.
 
         ``mpp=None`` means the native level-0 resolution.
         """
         if mpp is None:
-            return 0, size, float(size)
+            return 0, size
         level = self.best_level_for_mpp(mpp)
-        read = max(1, round(size * mpp / self.level_mpp(level)))
-        return level, read, read * self.levels[level].downsample
+        return level, max(1, round(size * mpp / self.level_mpp(level)))
 
     def read_tiles(
         self,
@@ -192,7 +192,7 @@ class Slide(abc.ABC):
         import cv2
 
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-        level, read, _ = self.tile_geometry(size, mpp)
+        level, read = self.read_plan(size, mpp)
         if out is None:
             out = np.empty((len(coords), size, size, 3), dtype=np.uint8)
         downsample = self.levels[level].downsample

@@ -124,8 +124,8 @@ class TiffSlide(Slide):
 
     backend = "tiff"
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None, cache_bytes: int = 64 << 20):
-        super().__init__(path, mpp=mpp)
+    def __init__(self, path: str | Path, *, slide_mpp: float | None = None, cache_bytes: int = 64 << 20):
+        super().__init__(path, slide_mpp=slide_mpp)
         import tifffile
 
         self._cache_bytes = cache_bytes

@@ -1,4 +1,5 @@
-"""Batch jobs over many slides with a pluggable executor."""
+"""The stages that run over many slides: tiling and embedding, as resumable batch jobs
+with a pluggable executor (``embed_slides``, which needs torch, is imported on first use)."""
 
 from histoscope.pipeline.batch import REPORT_NAME, BatchResult, run_batch
 from histoscope.pipeline.executors import Executor, LocalExecutor, WorkerCrashed, get_executor
@@ -8,7 +9,16 @@ from histoscope.pipeline.tile_job import TileParams, tile_slide, tiling_done
 __all__ = [
     "REPORT_NAME", "BatchResult", "Executor", "LocalExecutor", "SlideJob", "TileParams", "WorkerCrashed",
     "collect_slides", "get_executor", "run_batch", "tile_slide", "tiling_done", "tile_slides",
+    "EmbedParams", "embed_slides", "embed_slide",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("EmbedParams", "embed_slides", "embed_slide"):
+        from histoscope.pipeline import embed
+
+        return getattr(embed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tile_slides(slides, *, out_dir, params: TileParams | None = None, workers: int = 1, slide_mpp=None,

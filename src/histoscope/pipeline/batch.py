@@ -20,9 +20,14 @@ from histoscope.io.atomic import remove_stale_partials, write_json
 from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob
 
-__all__ = ["BatchResult", "RunReport", "run_batch", "REPORT_NAME", "progress_bar"]
+__all__ = ["BatchResult", "RunReport", "run_batch", "report_path", "REPORT_NAME", "progress_bar"]
 
 REPORT_NAME = "run_report.json"
+
+
+def report_path(out_dir: str | Path) -> Path:
+    """``OUT/run_report.json``: the record of every slide a stage has run on in ``out_dir``."""
+    return Path(out_dir) / REPORT_NAME
 
 
 @dataclass
@@ -66,7 +71,7 @@ class RunReport:
     """
 
     def __init__(self, out_dir: str | Path, stage: str):
-        self.path = Path(out_dir) / REPORT_NAME
+        self.path = report_path(out_dir)
         self.stage = stage
         self.records: dict[str, dict[str, Any]] = {}
         if self.path.exists():
@@ -132,24 +137,34 @@ def run_batch(
 
 
 class progress_bar:
-    """A rich progress bar with slide counts, failures and ETA (on stderr)."""
+    """Progress on stderr: a rich bar with slide counts, failures and ETA on a terminal;
+    one line per finished slide otherwise (a batch job's log file, a pipe)."""
 
     def __init__(self, total: int, stage: str):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.failed = 0
-        self.progress = Progress(
-            TextColumn(f"[bold]{stage}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
-        )
-        self.task = self.progress.add_task(stage, total=total, status="")
-        self.progress.start()
+        self.stage, self.total, self.done, self.failed = stage, total, 0, 0
+        self.console = Console(stderr=True)
+        self.progress = None
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn(f"[bold]{stage}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.task = self.progress.add_task(stage, total=total, status="")
+            self.progress.start()
 
     def advance(self, name: str, status: str) -> None:
+        self.done += 1
         self.failed += status == "failed"
+        if self.progress is None:
+            self.console.print(f"{self.stage} {self.done}/{self.total} {name}: {status}", highlight=False, markup=False,
+                               soft_wrap=True)
+            return
         label = f"{name}" + (f" [red]{self.failed} failed[/]" if self.failed else "")
         self.progress.update(self.task, advance=1, status=label)
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()

@@ -18,11 +18,11 @@ _PATH_COLUMNS = ("path", "slide_path", "slide", "filename")
 
 @dataclass(frozen=True)
 class SlideJob:
-    """One slide to process: where it is, its output name and its mpp override."""
+    """One slide to process: where it is, its output name and its level-0 µm/px override."""
 
     path: Path
     name: str
-    mpp: float | None = None
+    slide_mpp: float | None = None
 
 
 def _slide_name(path: Path) -> str:
@@ -45,14 +45,14 @@ def _from_csv(csv_path: Path, slide_mpp: float | None) -> list[SlideJob]:
             path = Path(row[column])
             if not path.is_absolute():
                 path = csv_path.parent / path
-            mpp = slide_mpp
+            row_mpp = slide_mpp
             if row.get("mpp", "").strip():
                 try:
-                    mpp = float(row["mpp"])
+                    row_mpp = float(row["mpp"])
                 except ValueError:
                     raise ValueError(f"{csv_path}:{row_number}: mpp {row['mpp']!r} is not a number") from None
             name = (row.get("slide_id") or "").strip() or _slide_name(path)
-            jobs.append(SlideJob(path=path, name=name, mpp=mpp))
+            jobs.append(SlideJob(path=path, name=name, slide_mpp=row_mpp))
     return jobs
 
 

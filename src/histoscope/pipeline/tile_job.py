@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from histoscope.pipeline.inputs import SlideJob
+from histoscope.tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPP, DEFAULT_SIZE
 
 __all__ = ["TileParams", "tile_slide", "tiling_done"]
 
@@ -16,10 +17,10 @@ __all__ = ["TileParams", "tile_slide", "tiling_done"]
 class TileParams:
     """Everything that determines a slide's tiles (stored in the patches file)."""
 
-    size: int = 256
-    mpp: float = 0.5
+    size: int = DEFAULT_SIZE
+    mpp: float = DEFAULT_MPP
     overlap: int = 0
-    min_tissue: float = 0.1
+    min_tissue: float = DEFAULT_MIN_TISSUE
     seg_mpp: float = 8.0
     remove_pen: bool = True
     backend: str = "auto"
@@ -57,7 +58,7 @@ def tile_slide(job: SlideJob, *, out_dir: str | Path, params: TileParams) -> dic
 
     out_dir = Path(out_dir)
     notes: list[str] = []
-    with open_slide(job.path, mpp=job.mpp, backend=params.backend) as slide:
+    with open_slide(job.path, slide_mpp=job.slide_mpp, backend=params.backend) as slide:
         tissue = segment_tissue(slide, seg_mpp=params.seg_mpp, remove_pen=params.remove_pen)
         save_tissue_outputs(slide, tissue, out_dir, name=job.name)
         grid = tile_grid(slide, tissue, size=params.size, mpp=params.mpp, overlap=params.overlap,
@@ -70,8 +71,8 @@ def tile_slide(job: SlideJob, *, out_dir: str | Path, params: TileParams) -> dic
                       extra=_stored_params(params))
         return {
             "tiles": len(grid),
-            "level0_mpp": grid.level0_mpp,
-            "patch_size_level0": grid.patch_size_level0,
+            "level0_mpp": grid.geometry.level0_mpp,
+            "patch_size_level0": grid.geometry.size_level0,
             "backend": slide.backend,
             "warnings": notes,
         }

@@ -39,7 +39,7 @@ def colorize(values: np.ndarray, cmap: str = "jet") -> np.ndarray:
     return (colormaps[cmap](np.clip(values, 0, 1))[:, :3] * 255).round().astype(np.uint8)
 
 
-def paint_heatmap(thumbnail: np.ndarray, coords: np.ndarray, tile_size_level0: float,
+def paint_heatmap(thumbnail: np.ndarray, coords: np.ndarray, size_level0: float,
                   dimensions: tuple[int, int], values: np.ndarray, *, cmap: str = "jet",
                   alpha: float = 0.5) -> np.ndarray:
     """Blend each tile's colour over its rectangle of the thumbnail (overlaps are averaged).
@@ -48,7 +48,7 @@ def paint_heatmap(thumbnail: np.ndarray, coords: np.ndarray, tile_size_level0: f
     ----------
     thumbnail : (h, w, 3) uint8
     coords : (N, 2) level-0 (x, y)
-    tile_size_level0 : float
+    size_level0 : float
         Tile edge in level-0 pixels.
     dimensions : (W, H)
         Level-0 size of the slide.
@@ -64,8 +64,8 @@ def paint_heatmap(thumbnail: np.ndarray, coords: np.ndarray, tile_size_level0: f
     count = np.zeros((height, width), dtype=np.float64)
     for (x, y), value in zip(np.asarray(coords, dtype=np.float64), values):
         x0, y0 = int(np.floor(x * scale_x)), int(np.floor(y * scale_y))
-        x1 = max(x0 + 1, int(np.ceil((x + tile_size_level0) * scale_x)))
-        y1 = max(y0 + 1, int(np.ceil((y + tile_size_level0) * scale_y)))
+        x1 = max(x0 + 1, int(np.ceil((x + size_level0) * scale_x)))
+        y1 = max(y0 + 1, int(np.ceil((y + size_level0) * scale_y)))
         total[max(0, y0) : y1, max(0, x0) : x1] += value
         count[max(0, y0) : y1, max(0, x0) : x1] += 1
     covered = count > 0
@@ -75,7 +75,7 @@ def paint_heatmap(thumbnail: np.ndarray, coords: np.ndarray, tile_size_level0: f
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def tiles_geojson(coords: np.ndarray, tile_size_level0: float, scores: np.ndarray, *,
+def tiles_geojson(coords: np.ndarray, size_level0: float, scores: np.ndarray, *,
                   object_type: str = "tile", cmap: str = "jet", measurement: str = "attention") -> dict[str, Any]:
     """A FeatureCollection of square tile polygons (level-0 pixels) that QuPath imports.
 
@@ -87,7 +87,7 @@ def tiles_geojson(coords: np.ndarray, tile_size_level0: float, scores: np.ndarra
     percentiles = percentile_scores(scores)
     buckets = np.minimum((percentiles * _BUCKETS).astype(int), _BUCKETS - 1)
     colours = colorize((buckets + 0.5) / _BUCKETS, cmap)
-    size = float(tile_size_level0)
+    size = float(size_level0)
     features = []
     for (x, y), score, percentile, bucket, colour in zip(coords, scores, percentiles, buckets, colours):
         ring = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]

@@ -24,34 +24,29 @@ import numpy as np
 import torch
 
 from histoscope.io.atomic import write_image, write_json
-from histoscope.io.features_h5 import read_features
+from histoscope.io.columns import write_columns
+from histoscope.io.features_h5 import features_path, read_features
 from histoscope.pipeline.batch import BatchResult, run_batch
 from histoscope.pipeline.executors import LocalExecutor
 from histoscope.pipeline.inputs import SlideJob, collect_slides
 from histoscope.predict.heatmap import paint_heatmap, percentile_scores, tiles_geojson, write_tile_scores
-from histoscope.train.checkpoint import TrainedModel, load_trained_model
-from histoscope.train.data import collate_bags
-from histoscope.train.loop import autocast
-from histoscope.train.run import precision_dtype, write_columns
-from histoscope.utils.device import resolve_device
+from histoscope.slide.bags import collate_bags
+from histoscope.slide.trained import TrainedModel, load_trained_model
+from histoscope.tiling.geometry import TileGeometry
+from histoscope.utils.device import autocast, resolve_device, resolve_dtype
 
-__all__ = ["predict_slides", "tile_size_level0"]
+__all__ = ["predict_slides", "predictions_path"]
 
 
-def tile_size_level0(attrs: dict[str, Any]) -> float:
-    """Tile edge in level-0 pixels from a features file's attributes."""
-    if "patch_size_level0" in attrs:
-        return float(attrs["patch_size_level0"])
-    if {"patch_size", "target_mpp", "level0_mpp"} <= set(attrs):
-        return float(attrs["patch_size"]) * float(attrs["target_mpp"]) / float(attrs["level0_mpp"])
-    raise ValueError("the features file does not say how big its tiles are (no patch_size_level0, nor "
-                     "patch_size + target_mpp + level0_mpp in its coords attributes)")
+def predictions_path(out_dir: str | Path, suffix: str = ".csv") -> Path:
+    """``OUT/predictions.csv`` (or ``.json``): one row per slide predicted."""
+    return (Path(out_dir) / "predictions").with_suffix(suffix)
 
 
 def _predict_one(job: SlideJob, *, trained: TrainedModel, features_dir: Path, out_dir: Path, with_images: bool,
                  top_k: int, thumbnail_size: int, device: torch.device, dtype: torch.dtype,
                  object_type: str) -> dict[str, Any]:
-    path = features_dir / f"{job.name}.h5"
+    path = features_path(features_dir, job.name)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no features file for slide {job.name!r}")
     features, coords, attrs = read_features(path)
@@ -63,28 +58,29 @@ def _predict_one(job: SlideJob, *, trained: TrainedModel, features_dir: Path, ou
         output = trained.model(batch_features.to(device), batch_coords.to(device), mask.to(device))
     logits = output.logits.float().cpu().numpy().astype(np.float64)
     prediction = {k: (v[0].item() if isinstance(v[0], np.generic) else v[0])
-                  for k, v in trained.task.output_columns(logits).items()}
+                  for k, v in trained.outputs.columns(logits).items()}
     record: dict[str, Any] = {"prediction": prediction, "tiles": len(features)}
     if output.scores is None:
         record["note"] = f"{trained.meta['histoscope_model']} gives no per-tile scores; no heatmap"
         return record
 
     scores = output.scores[0].float().cpu().numpy().astype(np.float64)
-    size0 = tile_size_level0(attrs)
+    geometry = TileGeometry.from_attrs(attrs)
     slide_dir = out_dir / job.name
     write_tile_scores(slide_dir / "tile_scores.csv", coords, scores)
-    write_json(slide_dir / "tiles.geojson", tiles_geojson(coords, size0, scores, object_type=object_type))
+    write_json(slide_dir / "tiles.geojson",
+               tiles_geojson(coords, geometry.size_level0, scores, object_type=object_type))
     if with_images:
         from histoscope.io import open_slide
 
-        with open_slide(job.path, mpp=job.mpp) as slide:
+        with open_slide(job.path, slide_mpp=job.slide_mpp) as slide:
             thumbnail = slide.thumbnail(thumbnail_size)
-            write_image(slide_dir / "heatmap.png",
-                        paint_heatmap(thumbnail, coords, size0, slide.dimensions, percentile_scores(scores)))
+            write_image(slide_dir / "heatmap.png", paint_heatmap(thumbnail, coords, geometry.size_level0,
+                                                                 slide.dimensions, percentile_scores(scores)))
             top = np.argsort(-scores, kind="stable")[:top_k]
-            target_mpp = attrs.get("target_mpp")
-            size = int(attrs["patch_size"]) if target_mpp is not None and "patch_size" in attrs else int(round(size0))
-            tiles = slide.read_tiles(coords[top], size=size, mpp=float(target_mpp) if target_mpp else None)
+            if geometry.mpp is None:  # a TRIDENT/CLAM file: its tiles' resolution follows from the slide's
+                geometry = TileGeometry.from_attrs(attrs, level0_mpp=slide.mpp)
+            tiles = slide.read_tiles(coords[top], size=geometry.size, mpp=geometry.mpp)
             for rank, (index, tile) in enumerate(zip(top, tiles), start=1):
                 x, y = coords[index]
                 write_image(slide_dir / "top_tiles" / f"{rank:02d}_x{x}_y{y}.png", tile)
@@ -135,17 +131,17 @@ def predict_slides(
         raise FileNotFoundError(f"no slides to predict (features folder {features_dir})")
     fn = functools.partial(_predict_one, trained=trained, features_dir=features_dir, out_dir=out_dir,
                            with_images=with_images, top_k=top_k, thumbnail_size=thumbnail_size,
-                           device=torch_device, dtype=precision_dtype(precision, torch_device),
+                           device=torch_device, dtype=resolve_dtype(precision, torch_device),
                            object_type=object_type)
     result = run_batch(jobs, fn, out_dir=out_dir, stage="predict", executor=LocalExecutor(workers=0),
                        progress=progress)
 
     done = [(name, r) for name, r in result.records.items() if r["status"] == "ok"]
     rows = [{"slide_id": name, **r["prediction"]} for name, r in done]
-    write_json(out_dir / "predictions.json", {
+    write_json(predictions_path(out_dir, ".json"), {
         "checkpoint": str(checkpoint), "model": trained.meta["histoscope_model"], "task": trained.meta["task"],
         "slides": rows, "failed": {name: result.records[name].get("error") for name in result.failed},
     })
     if rows:
-        write_columns(out_dir / "predictions.csv", {k: [row.get(k) for row in rows] for k in rows[0]})
+        write_columns(predictions_path(out_dir), {k: [row.get(k) for row in rows] for k in rows[0]})
     return result

@@ -78,7 +78,7 @@ def find_slide_tiles(patches: Sequence[str | Path], *, slide_dir: str | Path | N
     A slide is found at the path its patches file records, else as ``slide_dir/<slide>.*``.
     Slides that cannot be found or have no tiles are reported through ``log`` and skipped.
     """
-    from histoscope.tiling import read_patches
+    from histoscope.tiling import TileGeometry, read_patches
 
     found: list[SlideTiles] = []
     files = [f for p in patches for f in _patches_files(Path(p))]
@@ -95,9 +95,9 @@ def find_slide_tiles(patches: Sequence[str | Path], *, slide_dir: str | Path | N
         if len(coords) == 0:
             log(f"skipping {name}: no tiles in {file}")
             continue
-        found.append(SlideTiles(name=name, path=str(path), coords=coords, size=int(attrs["patch_size"]),
-                                mpp=float(attrs["target_mpp"]) if "target_mpp" in attrs else None,
-                                slide_mpp=float(attrs["level0_mpp"]) if "level0_mpp" in attrs else None))
+        geometry = TileGeometry.from_attrs(attrs)
+        found.append(SlideTiles(name=name, path=str(path), coords=coords, size=geometry.size, mpp=geometry.mpp,
+                                slide_mpp=geometry.level0_mpp))
     if not found:
         raise FileNotFoundError(f"none of the {len(files)} patches files points to a readable slide with tiles")
     return found
@@ -194,7 +194,7 @@ class TileReader:
         slide = self.opened.get(group)
         if slide is None:
             source = self.index.slides[group]
-            slide = open_slide(source.path, mpp=source.slide_mpp)
+            slide = open_slide(source.path, slide_mpp=source.slide_mpp)
             self.opened[group] = slide
             if len(self.opened) > self.max_open:
                 self.opened.popitem(last=False)[1].close()

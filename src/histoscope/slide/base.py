@@ -45,6 +45,11 @@ class SlideModel(nn.Module):
         """Extra loss added by the trainer (e.g. CLAM's instance clustering); ``None`` if none."""
         return None
 
+    def layer_ids(self) -> dict[str, int] | None:
+        """Depth of every parameter for layer-wise learning-rate decay, from 0 (input) to
+        the largest id (top, trained at the full rate); ``None``: no layer stack to decay."""
+        return None
+
 
 def default_mask(features: Tensor, mask: Tensor | None) -> Tensor:
     """(B, N) bool, all True when no mask is given."""

@@ -3,23 +3,28 @@
 ``load_slide_model(name, in_dim=..., num_outputs=..., weights=..., **arch)`` builds
 the registered default architecture, lets ``**arch`` override any builder keyword
 (so tiny variants go through the same path), and loads weights strictly.
+
+The registry and the built-in entries (:mod:`histoscope.slide.models`) import no
+torch: listing models is instant, and a builder imports its model when called.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from histoscope.io.checkpoint import checkpoint_kind, compare_state_dict, read_checkpoint
 
-from histoscope.slide.base import SlideModel
+if TYPE_CHECKING:
+    import torch
+
+    from histoscope.slide.base import SlideModel
 
 __all__ = ["SlideModelSpec", "register_slide_model", "list_slide_models", "get_slide_model_spec",
-           "load_slide_model", "read_checkpoint", "SlideWeightsError"]
+           "load_slide_model", "SlideWeightsError"]
 
 
 class SlideWeightsError(RuntimeError):
@@ -31,25 +36,36 @@ class SlideModelSpec:
     name: str
     builder: Callable[..., SlideModel]
     description: str
+    # Modules whose parameters depend on the task's outputs (their number or meaning):
+    # left out of the encoder when fine-tuning with new_head, trained when freeze_encoder.
+    head: tuple[str, ...]
     defaults: dict[str, Any] = field(default_factory=dict)  # builder kwargs of the published model
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides giving a CPU-test-sized variant
-    # Maps a published checkpoint (already torch.load-ed) to this model's state_dict keys.
+    # Maps a published checkpoint (as read_checkpoint returns it) to this model's state_dict keys.
     convert_checkpoint: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None
     paper: str = ""
+
+    def is_head(self, key: str) -> bool:
+        """Whether a parameter/state-dict key belongs to a :attr:`head` module."""
+        return any(key == module or key.startswith(module + ".") for module in self.head)
 
 
 _REGISTRY: dict[str, SlideModelSpec] = {}
 
 
-def register_slide_model(name: str, *, description: str, defaults: dict[str, Any] | None = None,
+def register_slide_model(name: str, *, description: str, head: tuple[str, ...], defaults: dict[str, Any] | None = None,
                          tiny: dict[str, Any] | None = None, convert_checkpoint=None, paper: str = ""):
-    """Decorator registering a builder ``fn(*, in_dim, num_outputs, **kwargs) -> SlideModel``."""
+    """Decorator registering a builder ``fn(*, in_dim, num_outputs, **kwargs) -> SlideModel``.
+
+    ``head`` names the modules (as in ``named_modules``) whose parameters depend on
+    the outputs: absent with ``num_outputs=0``, shaped or indexed by the classes.
+    """
 
     def wrap(builder):
         if name in _REGISTRY:
             raise ValueError(f"slide model {name!r} registered twice")
-        _REGISTRY[name] = SlideModelSpec(name, builder, description, dict(defaults or {}), dict(tiny or {}),
-                                         convert_checkpoint, paper)
+        _REGISTRY[name] = SlideModelSpec(name, builder, description, tuple(head), dict(defaults or {}),
+                                         dict(tiny or {}), convert_checkpoint, paper)
         return builder
 
     return wrap
@@ -91,9 +107,10 @@ def load_slide_model(name: str, *, in_dim: int, num_outputs: int = 0, weights: s
     tiny : bool
         Use the registered tiny test variant (then ``**arch`` on top).
     new_head : bool
-        The checkpoint is an encoder without this task's head (e.g. the published
-        Prov-GigaPath slide encoder, to be fine-tuned): the ``head.*`` parameters
-        keep their fresh initialisation; every other key must still match.
+        Fine-tune: the checkpoint's head (the spec's ``head`` modules; none in an
+        encoder-only checkpoint such as the published Prov-GigaPath slide encoder,
+        another class count in a trained one) is dropped and this model's head keeps
+        its fresh initialisation; every other key must still match exactly.
     """
     spec = get_slide_model_spec(name)
     kwargs = {**spec.defaults, **(spec.tiny if tiny else {}), **arch}
@@ -103,40 +120,39 @@ def load_slide_model(name: str, *, in_dim: int, num_outputs: int = 0, weights: s
     return model
 
 
-def read_checkpoint(path: str | Path) -> Any:
-    """``torch.load`` a checkpoint safely (tensors and plain containers only), with
-    errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        # DINO-style training checkpoints (HIPT) also pickle their argparse arguments.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, unexpected pickled classes, …
-        raise SlideWeightsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
-
-
-def load_slide_weights(model: SlideModel, weights: str | Path, spec: SlideModelSpec | None = None, *,
+def load_slide_weights(model: SlideModel, weights: str | Path, spec: SlideModelSpec, *,
                        new_head: bool = False) -> None:
+    """Load a checkpoint into ``model`` strictly; with ``new_head`` the head keys
+    (``spec.head``) are dropped from the checkpoint and keep the model's initialisation."""
     path = Path(weights)
-    checkpoint = read_checkpoint(path)
-    if isinstance(checkpoint, dict) and "histoscope_model" in checkpoint:
+    checkpoint = read_checkpoint(path, kind=("trained", "weights"))
+    if checkpoint_kind(checkpoint) == "trained":
+        if checkpoint["histoscope_model"] != spec.name:
+            raise SlideWeightsError(f"{path} holds a trained {checkpoint['histoscope_model']!r} model, not "
+                                    f"{spec.name!r}: load it as {checkpoint['histoscope_model']!r}")
         state = checkpoint["state_dict"]
-    elif spec is not None and spec.convert_checkpoint is not None:
+    elif spec.convert_checkpoint is not None:
         state = spec.convert_checkpoint(checkpoint)
     else:
         state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint)) if isinstance(checkpoint, dict) else checkpoint
-    result = model.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if new_head:
-        missing = [key for key in missing if not key.startswith("head.")]
-    if missing or unexpected:
-        raise SlideWeightsError(
-            f"{path} does not fit {type(model).__name__}"
-            + (f" ({spec.name})" if spec else "")
-            + f": {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}. "
-            "Is it a checkpoint of this model with these architecture settings?"
-            + (" To fine-tune an encoder-only checkpoint with a new head, pass new_head=True."
-               if missing and all(k.startswith("head.") for k in missing) else "")
-        )
+        state = {key: value for key, value in state.items() if not spec.is_head(key)}
+    missing, unexpected, mismatched = compare_state_dict(model, state)
+    if new_head:
+        missing = [key for key in missing if not spec.is_head(key)]
+    if missing or unexpected or mismatched:
+        raise SlideWeightsError(_mismatch_message(path, model, spec, missing, unexpected, mismatched, new_head))
+    model.load_state_dict(state, strict=not new_head)
+
+
+def _mismatch_message(path, model, spec, missing, unexpected, mismatched, new_head) -> str:
+    shapes = [f"{key} (checkpoint {a}, model {b})" for key, a, b in mismatched]
+    parts = [f"{len(items)} {what} {items[:8]}" for what, items in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+    message = (f"{path} does not fit {type(model).__name__} ({spec.name}): {', '.join(parts)}. "
+               "Is it a checkpoint of this model with these architecture settings?")
+    only_head = all(spec.is_head(key) for key in [*missing, *unexpected, *(k for k, _, _ in mismatched)])
+    if only_head and not new_head:
+        message += (f" Only the task head ({', '.join(spec.head)}) differs: to keep the rest and train a "
+                    f"new head for num_outputs={model.num_outputs}, pass new_head=True (recipe: new_head: true).")
+    return message

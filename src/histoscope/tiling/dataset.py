@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
+
 __all__ = ["TileSource", "TileStream", "single_threaded_worker", "tile_loader", "worker_context"]
 
 
@@ -27,8 +29,8 @@ class TileSource:
 
     path: str
     coords: np.ndarray  # (N, 2) int64 level-0 (x, y)
-    size: int = 256
-    mpp: float | None = 0.5  # target µm/px (None: level 0 as stored)
+    size: int = DEFAULT_SIZE  # tile edge in px at the target resolution
+    mpp: float | None = DEFAULT_MPP  # target µm/px (None: level 0 as stored)
     slide_mpp: float | None = None  # level-0 µm/px override
     backend: str = "auto"
 
@@ -68,7 +70,7 @@ class TileStream(IterableDataset):
                 try:
                     slide = opened.get(source_index)
                     if slide is None:
-                        slide = open_slide(source.path, mpp=source.slide_mpp, backend=source.backend)
+                        slide = open_slide(source.path, slide_mpp=source.slide_mpp, backend=source.backend)
                         opened[source_index] = slide
                         if len(opened) > self.max_open:
                             opened.popitem(last=False)[1].close()

@@ -17,7 +17,7 @@ import numpy as np
 from histoscope.io.atomic import atomic_path
 from histoscope.tiling.grid import TileGrid
 
-__all__ = ["write_patches", "read_patches", "patches_path", "FORMAT_VERSION"]
+__all__ = ["write_patches", "read_patches", "patches_path", "clam_patches_path", "find_patches", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 # Objective magnification conventionally equivalent to 1 µm/px divided by it
@@ -26,7 +26,20 @@ _MAG_UM = 10.0
 
 
 def patches_path(out_dir: str | Path, slide_name: str) -> Path:
+    """``OUT/patches/<slide>_patches.h5``, as histoscope and TRIDENT name it."""
     return Path(out_dir) / "patches" / f"{slide_name}_patches.h5"
+
+
+def clam_patches_path(out_dir: str | Path, slide_name: str) -> Path:
+    """``OUT/patches/<slide>.h5``, as CLAM names it."""
+    return Path(out_dir) / "patches" / f"{slide_name}.h5"
+
+
+def find_patches(out_dir: str | Path, slide_name: str) -> Path:
+    """The slide's patches file in ``out_dir``: ours (or TRIDENT's), else CLAM's if only that exists."""
+    path = patches_path(out_dir, slide_name)
+    clam = clam_patches_path(out_dir, slide_name)
+    return clam if not path.exists() and clam.exists() else path
 
 
 def write_patches(path: str | Path, grid: TileGrid, *, slide_name: str, slide_path: str = "", extra: dict | None = None) -> Path:
@@ -37,27 +50,22 @@ def write_patches(path: str | Path, grid: TileGrid, *, slide_name: str, slide_pa
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             coords = f.create_dataset("coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2))
+            geometry = grid.geometry
             width, height = grid.level0_size
             attrs = {
-                # TRIDENT
-                "patch_size": grid.patch_size,
-                "patch_size_level0": grid.patch_size_level0,
+                # TRIDENT (patch_size, patch_size_level0) and histoscope (exact resolutions, read level)
+                **geometry.attrs(),
                 "level0_width": width,
                 "level0_height": height,
                 "overlap": grid.overlap,
-                "target_magnification": _MAG_UM / grid.target_mpp,
-                "level0_magnification": _MAG_UM / grid.level0_mpp,
+                "target_magnification": _MAG_UM / geometry.mpp,
+                "level0_magnification": _MAG_UM / geometry.level0_mpp,
                 "name": slide_name,
-                # histoscope: exact resolutions
-                "target_mpp": grid.target_mpp,
-                "level0_mpp": grid.level0_mpp,
-                "read_level": grid.read_level,
-                "read_size": grid.read_size,
                 "slide_path": slide_path,
                 "histoscope_format": FORMAT_VERSION,
                 # CLAM: tiles are `patch_size_level0` px at level 0 resized to patch_size
                 "patch_level": 0,
-                "downsample": np.array([grid.patch_size_level0 / grid.patch_size] * 2, dtype=np.float64),
+                "downsample": np.array([geometry.size_level0 / geometry.size] * 2, dtype=np.float64),
                 "level_dim": np.array([width, height], dtype=np.int64),
                 "downsampled_level_dim": np.array([width, height], dtype=np.int64),
             }

@@ -1,25 +1,23 @@
-"""Trained-model checkpoints (``fold_k/checkpoint.pt``) and resumable training state.
+"""What ``histoscope train`` stores besides the trained model: the architecture a run builds
+and the resumable training state (``fold_k/train_state.pt``).
 
-A checkpoint holds plain data only (tensors, numbers, strings, lists, dicts), so it
-loads with ``torch.load(weights_only=True)`` and through the slide-model registry:
-``load_slide_model(name, in_dim=…, num_outputs=…, weights=path, **arch)`` finds
-``state_dict`` under the ``histoscope_model`` marker.
+The trained model itself (``fold_k/checkpoint.pt``) is written and read by
+:mod:`histoscope.slide.trained`, which ``histoscope predict`` uses too.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from histoscope.io.atomic import atomic_path
-from histoscope.slide import SlideModel, get_slide_model_spec, load_slide_model
-from histoscope.train.tasks import Task, task_from_meta
+from histoscope.io.checkpoint import read_checkpoint
+from histoscope.slide import get_slide_model_spec
 
-__all__ = ["save_checkpoint", "load_trained_model", "TrainedModel", "resolved_arch", "save_state", "load_state"]
+__all__ = ["resolved_arch", "save_state", "load_state"]
 
 
 def resolved_arch(name: str, *, tiny: bool, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -36,43 +34,6 @@ def resolved_arch(name: str, *, tiny: bool, model_args: dict[str, Any]) -> dict[
     return {**spec.defaults, **(spec.tiny if tiny else {}), **model_args}
 
 
-def save_checkpoint(path: str | Path, *, model: SlideModel, model_name: str, arch: dict[str, Any], in_dim: int,
-                    task: Task, extra: dict[str, Any] | None = None) -> Path:
-    checkpoint = {
-        "histoscope_model": model_name,
-        "arch": dict(arch),
-        "in_dim": int(in_dim),
-        "num_outputs": int(task.num_outputs),
-        **task.meta(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        **(extra or {}),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-    return Path(path)
-
-
-@dataclass
-class TrainedModel:
-    model: SlideModel
-    task: Task
-    meta: dict[str, Any]  # everything in the checkpoint but the weights
-
-
-def load_trained_model(path: str | Path, *, device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuild a model written by ``histoscope train`` (strict weight loading), in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "histoscope_model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by histoscope train (no 'histoscope_model' key)")
-    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-    model = load_slide_model(meta["histoscope_model"], in_dim=meta["in_dim"], num_outputs=meta["num_outputs"],
-                             weights=path, **meta["arch"])
-    return TrainedModel(model.to(device).eval(), task_from_meta(meta), meta)
-
-
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """Training state (model, optimizer, scheduler, RNG, epoch, early stopping), atomically."""
     with atomic_path(path) as tmp:
@@ -83,4 +44,4 @@ def load_state(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path, kind="train_state")

@@ -39,6 +39,10 @@ class TrainConfig:
     model: str = "abmil_gated"
     model_args: dict = field(default_factory=dict)
     tiny: bool = False
+    init_weights: str | None = None  # start from this checkpoint (published weights or a histoscope train one)
+    new_head: bool = False  # drop the checkpoint's head: another class count, or an encoder-only checkpoint
+    freeze_encoder: bool = False  # train the head only (the model's declared head modules)
+    layer_decay: float | None = None  # layer-wise lr decay: lr · layer_decay^(depth of the top − depth)
     folds: int = 5
     val_fraction: float = 0.2  # of each fold's training patients, for early stopping
     epochs: int = 20
@@ -81,6 +85,10 @@ class TrainConfig:
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_tiles is not None and self.max_tiles < 1:
             problems.append(f"max_tiles must be >= 1 or null, got {self.max_tiles}")
+        if (self.new_head or self.freeze_encoder) and not self.init_weights:
+            problems.append("new_head and freeze_encoder fine-tune a checkpoint: set init_weights to its path")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            problems.append(f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
         if self.class_weighting and self.balanced_sampling and self.task == "classification":
             problems.append("use class_weighting or balanced_sampling, not both (they would correct twice)")
         if self.task == "survival" and self.survival.loss == "cox" and self.batch_size < 2:

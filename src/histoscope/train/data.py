@@ -1,10 +1,10 @@
-"""Slide tables and bags of tile features for training and inference.
+"""Slide tables and bags of tile features for training.
 
-Notation: B bags in a batch, N tiles (padded to the longest bag), D feature dim.
+Notation: N tiles, D feature dim.
 
 A bag's features file is read once and kept in an LRU cache bounded in bytes, so
-epochs after the first read from memory. Batches pad to the longest bag and carry a
-mask (True at real tiles). All randomness (epoch order, balanced sampling, tile
+epochs after the first read from memory (batches are padded by
+:func:`histoscope.slide.bags.collate_bags`). All randomness (epoch order, balanced sampling, tile
 subsampling) comes from generators seeded by ``(seed, fold, epoch, …)``, so a run
 resumed at any epoch sees exactly the batches an uninterrupted run would.
 """
@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from histoscope.io.features_h5 import read_features
+from histoscope.io.features_h5 import read_coords_attrs, read_features
+from histoscope.tiling.geometry import TileGeometry
 
-__all__ = ["Sample", "read_table", "FeatureCache", "BagDataset", "collate_bags", "epoch_order", "features_dim",
-           "features_tile_size"]
+__all__ = ["Sample", "read_table", "FeatureCache", "BagDataset", "epoch_order", "features_dim", "features_geometry"]
 
 
 @dataclass(frozen=True)
@@ -113,13 +112,12 @@ def features_dim(path: str | Path) -> int:
         return int(f["features"].shape[1])
 
 
-def features_tile_size(path: str | Path) -> float | None:
-    """Level-0 edge of the tiles of a features file (``patch_size_level0``), if recorded."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        attrs = f["coords"].attrs if "coords" in f else {}
-        return float(attrs["patch_size_level0"]) if "patch_size_level0" in attrs else None
+def features_geometry(path: str | Path) -> TileGeometry | None:
+    """The tile geometry a features file records, if it records enough of one."""
+    try:
+        return TileGeometry.from_attrs(read_coords_attrs(path))
+    except ValueError:
+        return None
 
 
 class FeatureCache:
@@ -168,20 +166,6 @@ class BagDataset:
             keep = np.sort(rng.choice(len(features), size=self.max_tiles, replace=False))
             features, coords = features[keep], coords[keep]
         return features, coords
-
-
-def collate_bags(bags: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad bags to the longest: ``features (B, N, D) float32, coords (B, N, 2) float32, mask (B, N) bool``."""
-    longest = max(len(f) for f, _ in bags)
-    dim = bags[0][0].shape[1]
-    features = torch.zeros(len(bags), longest, dim, dtype=torch.float32)
-    coords = torch.zeros(len(bags), longest, 2, dtype=torch.float32)
-    mask = torch.zeros(len(bags), longest, dtype=torch.bool)
-    for i, (f, c) in enumerate(bags):
-        features[i, : len(f)] = torch.from_numpy(f)
-        coords[i, : len(c)] = torch.from_numpy(c.astype(np.float32))
-        mask[i, : len(f)] = True
-    return features, coords, mask
 
 
 def epoch_order(n: int, *, seed: tuple[int, ...], weights: np.ndarray | None = None) -> np.ndarray:

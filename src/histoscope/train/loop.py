@@ -12,7 +12,6 @@ Notation: B bags per batch, N tiles, D feature dim, C outputs, n slides.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -21,25 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from histoscope.eval.metrics import LOWER_IS_BETTER
 from histoscope.slide import SlideModel
+from histoscope.slide.bags import collate_bags
 from histoscope.train.checkpoint import load_state, save_state
-from histoscope.train.data import BagDataset, Sample, collate_bags, epoch_order
+from histoscope.train.data import BagDataset, Sample, epoch_order
+from histoscope.train.optim import param_groups
 from histoscope.train.tasks import Task
+from histoscope.utils.device import autocast
 
-__all__ = ["EarlyStopping", "FitResult", "fit", "predict_bags", "autocast", "warmup_cosine", "derived_seed"]
+__all__ = ["EarlyStopping", "FitResult", "fit", "predict_bags", "warmup_cosine", "derived_seed"]
 
 
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from several integers (e.g. seed, fold, epoch)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def warmup_cosine(*, total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -110,6 +107,69 @@ def _validate(model, task: Task, dataset, indices, samples: list[Sample], target
     return {"loss": loss, **metrics(*arrays)}
 
 
+@dataclass
+class _Optimizer:
+    """AdamW over the trainable parameters (layer-wise lr decay if asked), its warm-up + cosine
+    schedule (stepped per optimizer step) and the fp16 loss scaler."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def create(cls, model: SlideModel, config, *, steps_per_epoch: int, device: torch.device,
+               dtype: torch.dtype) -> _Optimizer:
+        optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
+                                                   layer_decay=config.layer_decay))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+            total_steps=config.epochs * steps_per_epoch, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+            min_ratio=config.min_lr_ratio))
+        return cls(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+    def step(self, model: SlideModel, grad_clip: float | None) -> None:
+        if grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _train_epoch(model: SlideModel, task: Task, dataset: BagDataset, train_indices: Sequence[int], targets: Tensor,
+                 weights: np.ndarray | None, opt: _Optimizer, config, *, seed: tuple[int, int, int],
+                 device: torch.device, dtype: torch.dtype) -> float:
+    """One epoch over the training slides in the order ``seed`` draws; returns the mean loss."""
+    model.train()
+    positions = epoch_order(len(train_indices), seed=seed, weights=weights)
+    batches = [positions[i : i + config.batch_size] for i in range(0, len(positions), config.batch_size)]
+    running = 0.0
+    for group_start in range(0, len(batches), config.accumulate):
+        group = batches[group_start : group_start + config.accumulate]
+        opt.optimizer.zero_grad(set_to_none=True)
+        for batch in group:
+            features, coords, mask = collate_bags([dataset.bag(train_indices[p], subsample_seed=seed) for p in batch])
+            target = targets[batch].to(device)
+            with autocast(device, dtype):
+                output = model(features.to(device), coords.to(device), mask.to(device))
+                loss = task.loss(output.logits.float(), target)
+                auxiliary = model.auxiliary_loss(output, target) if task.kind == "classification" else None
+            if auxiliary is not None:
+                loss = loss + auxiliary.float()
+            opt.scaler.scale(loss / len(group)).backward()
+            running += float(loss.detach()) * len(batch)
+        opt.step(model, config.grad_clip)
+    return running / len(positions)
+
+
 def fit(
     *,
     model: SlideModel,
@@ -141,24 +201,18 @@ def fit(
     weights = task.sample_weights(train_samples) if config.balanced_sampling else None
 
     batches_per_epoch = math.ceil(len(train_indices) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.accumulate)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        total_steps=config.epochs * steps_per_epoch, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        min_ratio=config.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    opt = _Optimizer.create(model, config, steps_per_epoch=math.ceil(batches_per_epoch / config.accumulate),
+                            device=device, dtype=dtype)
     monitor = config.monitor if val_samples else "none"
     early = EarlyStopping(config.patience, lower_is_better=monitor in LOWER_IS_BETTER)
     history: list[dict[str, float]] = []
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    best_state = _copy_state(model)
     first_epoch = 0
 
     state = load_state(state_path)
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        opt.load_state_dict(state)
         early = EarlyStopping(**state["early"])
         history, best_state, first_epoch = state["history"], state["best_state"], state["epoch"] + 1
         log(f"fold {fold_name}: resuming after epoch {state['epoch']}")
@@ -168,33 +222,9 @@ def fit(
             break
         started = time.perf_counter()
         torch.manual_seed(derived_seed(config.seed, fold_number, epoch))
-        model.train()
-        positions = epoch_order(len(train_indices), seed=(config.seed, fold_number, epoch), weights=weights)
-        batches = [positions[i : i + config.batch_size] for i in range(0, len(positions), config.batch_size)]
-        running = 0.0
-        for group_start in range(0, len(batches), config.accumulate):
-            group = batches[group_start : group_start + config.accumulate]
-            optimizer.zero_grad(set_to_none=True)
-            for batch in group:
-                bags = [dataset.bag(train_indices[p], subsample_seed=(config.seed, fold_number, epoch)) for p in batch]
-                features, coords, mask = collate_bags(bags)
-                target = train_targets[batch].to(device)
-                with autocast(device, dtype):
-                    output = model(features.to(device), coords.to(device), mask.to(device))
-                    loss = task.loss(output.logits.float(), target)
-                    auxiliary = model.auxiliary_loss(output, target) if task.kind == "classification" else None
-                if auxiliary is not None:
-                    loss = loss + auxiliary.float()
-                scaler.scale(loss / len(group)).backward()
-                running += float(loss.detach()) * len(batch)
-            if config.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-
-        record = {"epoch": epoch, "train_loss": running / len(positions), "lr": optimizer.param_groups[0]["lr"]}
+        train_loss = _train_epoch(model, task, dataset, train_indices, train_targets, weights, opt, config,
+                                  seed=(config.seed, fold_number, epoch), device=device, dtype=dtype)
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": max(g["lr"] for g in opt.optimizer.param_groups)}
         if val_samples:
             val = _validate(model, task, dataset, val_indices, val_samples, val_targets,
                             batch_size=config.batch_size, device=device, dtype=dtype)
@@ -205,17 +235,18 @@ def fit(
         else:
             improved, early.best_epoch = True, epoch
         if improved:
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = _copy_state(model)
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         log(f"fold {fold_name} epoch {epoch + 1}/{config.epochs} " +
             " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) +
             (" *" if improved else ""))
-        save_state(state_path, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "early": asdict(early),
-            "history": history, "best_state": best_state,
-        })
+        save_state(state_path, {"epoch": epoch, "model": model.state_dict(), **opt.state_dict(),
+                                "early": asdict(early), "history": history, "best_state": best_state})
         if on_epoch_end is not None:
             on_epoch_end(fold=fold_name, epoch=epoch, record=record)
     return FitResult(best_state=best_state, best_epoch=early.best_epoch, history=history)
+
+
+def _copy_state(model: SlideModel) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

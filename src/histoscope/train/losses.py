@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cox_loss", "discrete_time_nll", "time_bins", "time_bin_index", "discrete_risk"]
+__all__ = ["cox_loss", "discrete_time_nll", "time_bins", "time_bin_index"]
 
 
 def cox_loss(risk: Tensor, time: Tensor, event: Tensor) -> Tensor:
@@ -58,9 +58,3 @@ def discrete_time_nll(logits: Tensor, bin_index: Tensor, event: Tensor) -> Tenso
     died = -(log_survive_before.gather(1, bin_index) + log_hazard.gather(1, bin_index)).squeeze(1)
     survived = -log_survive.gather(1, bin_index).squeeze(1)
     return (event * died + (1 - event) * survived).mean()
-
-
-def discrete_risk(logits: np.ndarray) -> np.ndarray:
-    """(B,) risk = minus the expected number of bins survived (higher = dies sooner)."""
-    hazard = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
-    return -np.cumprod(1 - hazard, axis=1).sum(axis=1)

@@ -16,7 +16,6 @@ A fold is finished when ``fold_k/fold_done.json`` exists; until then
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from collections.abc import Callable
@@ -29,40 +28,33 @@ import torch
 from histoscope.eval.plots import plot_kaplan_meier, plot_regression, plot_roc
 from histoscope.eval.report import evaluate, results_markdown, summarise
 from histoscope.io.atomic import atomic_path, write_json
-from histoscope.slide import load_slide_model
-from histoscope.train.checkpoint import resolved_arch, save_checkpoint
+from histoscope.io.columns import read_columns, write_columns
+from histoscope.io.features_h5 import features_path
+from histoscope.slide import get_slide_model_spec, load_slide_model
+from histoscope.slide.trained import save_trained_model
+from histoscope.train.checkpoint import resolved_arch
 from histoscope.train.config import ConfigError, TrainConfig
-from histoscope.train.data import BagDataset, FeatureCache, features_dim, features_tile_size, read_table
+from histoscope.train.data import BagDataset, FeatureCache, features_dim, features_geometry, read_table
 from histoscope.train.loop import derived_seed, fit, predict_bags
+from histoscope.train.optim import freeze_encoder
 from histoscope.train.splits import make_splits
 from histoscope.train.tasks import Task, make_task
 from histoscope.utils.device import resolve_device, resolve_dtype
 
-__all__ = ["train", "write_columns", "read_columns", "precision_dtype"]
+__all__ = ["train", "fold_dir", "results_path"]
 
 # Settings that cannot change what a run computes, so a resumed run may differ in them.
 _RESUME_FREE = {"device", "out_dir", "cache_gb", "bootstrap"}
 
 
-def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
-    return resolve_dtype(None if precision == "auto" else precision, device)
+def fold_dir(out_dir: str | Path, fold: str) -> Path:
+    """``OUT/fold_<k>``: one fold's checkpoint, predictions and history."""
+    return Path(out_dir) / f"fold_{fold}"
 
 
-def write_columns(path: str | Path, columns: dict[str, Any]) -> None:
-    """A CSV of equal-length columns; floats written with full precision (``repr``)."""
-    names = list(columns)
-    rows = zip(*[list(columns[n]) for n in names])
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(names)
-        for row in rows:
-            writer.writerow([repr(float(v)) if isinstance(v, (float, np.floating)) else v for v in row])
-
-
-def read_columns(path: str | Path) -> dict[str, list[str]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return {name: [row[name] for row in rows] for name in (rows[0] if rows else {})}
+def results_path(out_dir: str | Path, suffix: str = ".md") -> Path:
+    """``OUT/results.md`` (or ``.json``): the run's per-fold and pooled metrics."""
+    return (Path(out_dir) / "results").with_suffix(suffix)
 
 
 def _check_config(out: Path, config: TrainConfig, overwrite: bool) -> None:
@@ -113,7 +105,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
 
     samples = read_table(config.csv, task=config.task, label_column=config.label_column)
     features_dir = Path(config.features_dir)
-    paths = [features_dir / f"{s.slide_id}.h5" for s in samples]
+    paths = [features_path(features_dir, s.slide_id) for s in samples]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{features_dir}: {len(missing)} of {len(paths)} slides have no features file "
@@ -131,37 +123,39 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
     write_columns(out / "splits.csv", roles)
 
     device = resolve_device(config.device)
-    dtype = precision_dtype(config.precision, device)
+    dtype = resolve_dtype(config.precision, device)
     dataset = BagDataset(paths, FeatureCache(int(config.cache_gb * 2**30)), max_tiles=config.max_tiles)
     arch = resolved_arch(config.model, tiny=config.tiny, model_args=config.model_args)
-    if "tile_size" in arch and "tile_size" not in config.model_args:
+    geometry = features_geometry(paths[0])
+    if "tile_size" in arch and "tile_size" not in config.model_args and geometry is not None:
         # Position-aware models (LongNet, HIPT) index tiles on their level-0 grid: 0.5 µm/px
         # tiles cut from a 0.25 µm/px scan step by 512, not by the 256 of their pixels.
-        tile_size = features_tile_size(paths[0])
-        if tile_size is not None:
-            arch["tile_size"] = tile_size
+        arch["tile_size"] = geometry.size_level0
     log(f"{len(samples)} slides, {len({s.patient_id for s in samples})} patients, {len(splits)} folds, "
         f"D={in_dim}, model {config.model}, device {device}, {dtype}")
 
     fold_results = []
     for number, split in enumerate(splits):
-        fold_dir = out / f"fold_{split.fold}"
-        done = fold_dir / "fold_done.json"
+        done = fold_dir(out, split.fold) / "fold_done.json"
         if not done.exists():
-            _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype, fold_dir, log,
-                      on_epoch_end)
+            _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype, fold_dir(out, split.fold),
+                      log, on_epoch_end)
         fold_results.append(json.loads(done.read_text()))
     return _summarise(out, config, base_task, fold_results)
 
 
-def _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype, fold_dir: Path, log,
+def _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype, folder: Path, log,
               on_epoch_end) -> None:
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     task = make_task(config, samples)
     task.fit([samples[i] for i in split.train])
     torch.manual_seed(derived_seed(config.seed, number))  # the same initial weights on every rerun
-    model = load_slide_model(config.model, in_dim=in_dim, num_outputs=task.num_outputs, **arch).to(device)
-    state_path = fold_dir / "train_state.pt"
+    model = load_slide_model(config.model, in_dim=in_dim, num_outputs=task.num_outputs, weights=config.init_weights,
+                             new_head=config.new_head, **arch)
+    if config.freeze_encoder:
+        freeze_encoder(model, get_slide_model_spec(config.model))
+    model = model.to(device)
+    state_path = folder / "train_state.pt"
     result = fit(model=model, task=task, dataset=dataset, train_indices=list(split.train),
                  val_indices=list(split.val), samples=samples, config=config, fold_number=number,
                  fold_name=split.fold, device=device, dtype=dtype, state_path=state_path, log=log,
@@ -177,12 +171,12 @@ def _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dty
     test_samples = [samples[i] for i in test]
     columns = {"slide_id": [s.slide_id for s in test_samples], "patient_id": [s.patient_id for s in test_samples],
                "fold": [split.fold] * len(test), **task.truth_columns(test_samples), **task.output_columns(logits)}
-    write_columns(fold_dir / "predictions.csv", columns)
-    save_checkpoint(fold_dir / "checkpoint.pt", model=model, model_name=config.model, arch=arch, in_dim=in_dim,
-                    task=task, extra={"tiny": config.tiny, "fold": split.fold, "best_epoch": result.best_epoch,
-                                      "config": config.to_dict()})
-    write_json(fold_dir / "history.json", result.history)
-    write_json(fold_dir / "fold_done.json", {"fold": split.fold, "best_epoch": result.best_epoch,
+    write_columns(folder / "predictions.csv", columns)
+    save_trained_model(folder / "checkpoint.pt", model=model, model_name=config.model, arch=arch, in_dim=in_dim,
+                       outputs=task.outputs, extra={"tiny": config.tiny, "fold": split.fold,
+                                                    "best_epoch": result.best_epoch, "config": config.to_dict()})
+    write_json(folder / "history.json", result.history)
+    write_json(folder / "fold_done.json", {"fold": split.fold, "best_epoch": result.best_epoch,
                                              "epochs_run": len(result.history), "n_train": len(split.train),
                                              "n_val": len(split.val), "n_test": len(test)})
     state_path.unlink(missing_ok=True)
@@ -191,7 +185,7 @@ def _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dty
 def _summarise(out: Path, config: TrainConfig, task: Task, fold_results: list[dict[str, Any]]) -> dict[str, Any]:
     folds, pooled_columns = [], {}
     for info in fold_results:
-        columns = read_columns(out / f"fold_{info['fold']}" / "predictions.csv")
+        columns = read_columns(fold_dir(out, info["fold"]) / "predictions.csv")
         for name, values in columns.items():
             pooled_columns.setdefault(name, []).extend(values)
         metrics, arrays, strata = task.metric_inputs(columns)
@@ -207,8 +201,8 @@ def _summarise(out: Path, config: TrainConfig, task: Task, fold_results: list[di
     if task.kind == "classification":
         results["class_names"] = task.class_names
     results["plots"] = _plots(out, task, pooled_columns, arrays)
-    write_json(out / "results.json", _json_safe(results))
-    with atomic_path(out / "results.md") as tmp:
+    write_json(results_path(out, ".json"), _json_safe(results))
+    with atomic_path(results_path(out)) as tmp:
         tmp.write_text(results_markdown(results, title=f"{config.model} · {config.task}"))
     return results
 

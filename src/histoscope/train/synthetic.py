@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from histoscope.io.features_h5 import write_features
+from histoscope.io.features_h5 import features_folder, features_path, write_features
+from histoscope.tiling.geometry import TileGeometry
 
-__all__ = ["SyntheticCohort", "make_mil_cohort", "make_survival_cohort"]
+__all__ = ["GEOMETRY", "SyntheticCohort", "make_mil_cohort", "make_survival_cohort"]
 
 # Geometry written into the features files: 256 px tiles at 0.5 µm/px from a 0.25 µm/px scan.
-COORDS_ATTRS = {"patch_size": 256, "patch_size_level0": 512, "target_mpp": 0.5, "level0_mpp": 0.25}
+GEOMETRY = TileGeometry(size=256, mpp=0.5, size_level0=512, level0_mpp=0.25)
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,12 @@ class SyntheticCohort:
 
 
 def _write_cohort(root: Path, rows: list[dict], bags: dict[str, np.ndarray], columns: int) -> tuple[Path, Path]:
-    features_dir = root / "features_synthetic"
-    step = COORDS_ATTRS["patch_size_level0"]
+    features_dir = features_folder(root, "synthetic")
+    step = GEOMETRY.size_level0
     for slide_id, features in bags.items():
         index = np.arange(len(features))
         coords = np.stack([index % columns, index // columns], axis=1) * step
-        write_features(features_dir / f"{slide_id}.h5", features, coords, coords_attrs=COORDS_ATTRS,
+        write_features(features_path(features_dir, slide_id), features, coords, coords_attrs=GEOMETRY.attrs(),
                        features_attrs={"encoder": "synthetic"})
     table = root / "slides.csv"
     with open(table, "w", newline="") as fh:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
-__all__ = ["resolve_device", "best_dtype", "resolve_dtype", "cpu_has_bf16"]
+__all__ = ["resolve_device", "best_dtype", "resolve_dtype", "cpu_has_bf16", "autocast"]
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -51,3 +52,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
     return _DTYPES[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision in ``dtype`` on ``device``; nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -10,17 +10,13 @@ for ViT (transformers' default), 1e-6 for DINOv2.
 from __future__ import annotations
 
 from functools import partial
-
-import timm
-from torch import nn
+from typing import TYPE_CHECKING
 
 from histoscope.encoders.pooling import MODEL_OUTPUT
 from histoscope.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, Preprocess, register_tile_encoder
 
-PHIKON_KWARGS = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, qkv_bias=True,
-                     num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-12))
-PHIKON_V2_KWARGS = dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, qkv_bias=True,
-                        init_values=1.0, num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+if TYPE_CHECKING:
+    from torch import nn
 
 _RESIZE_224 = Preprocess(resize=224, crop=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
@@ -32,7 +28,12 @@ _RESIZE_224 = Preprocess(resize=224, crop=224, interpolation="bilinear", mean=IM
     homepage="https://github.com/owkin/HistoSSLscaling",
 )
 def phikon(**arch) -> nn.Module:
-    return timm.create_model("vit_base_patch16_224", pretrained=False, **{**PHIKON_KWARGS, **arch})
+    import timm
+    from torch import nn
+
+    kwargs = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, qkv_bias=True, num_classes=0,
+                  norm_layer=partial(nn.LayerNorm, eps=1e-12))
+    return timm.create_model("vit_base_patch16_224", pretrained=False, **{**kwargs, **arch})
 
 
 @register_tile_encoder(
@@ -43,4 +44,9 @@ def phikon(**arch) -> nn.Module:
     homepage="https://huggingface.co/owkin/phikon-v2",
 )
 def phikon_v2(**arch) -> nn.Module:
-    return timm.create_model("vit_large_patch16_224", pretrained=False, **{**PHIKON_V2_KWARGS, **arch})
+    import timm
+    from torch import nn
+
+    kwargs = dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, qkv_bias=True, init_values=1.0,
+                  num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return timm.create_model("vit_large_patch16_224", pretrained=False, **{**kwargs, **arch})

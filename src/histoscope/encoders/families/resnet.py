@@ -7,11 +7,13 @@ the torchvision ImageNet ResNet-50 (timm ``resnet50.tv_in1k``); loading drops ex
 
 from __future__ import annotations
 
-import timm
-from torch import nn
+from typing import TYPE_CHECKING
 
 from histoscope.encoders.pooling import FEATURE_MAP_MEAN
 from histoscope.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, Preprocess, register_tile_encoder
+
+if TYPE_CHECKING:
+    from torch import nn
 
 RESNET50_TRUNC_KWARGS = dict(features_only=True, out_indices=(3,))  # index 3 = layer3 (stride 16)
 
@@ -25,4 +27,6 @@ RESNET50_TRUNC_KWARGS = dict(features_only=True, out_indices=(3,))  # index 3 = 
     homepage="https://github.com/mahmoodlab/CLAM",
 )
 def resnet50_trunc(**arch) -> nn.Module:
+    import timm
+
     return timm.create_model("resnet50", pretrained=False, **{**RESNET50_TRUNC_KWARGS, **arch})

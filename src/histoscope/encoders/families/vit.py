@@ -3,36 +3,39 @@
 UNI, UNI2-h, Prov-GigaPath, Virchow, Virchow2, H-optimus-0 and H-optimus-1. Each
 builder passes the authors' full timm kwargs (the registry names are only shells
 for some of them, e.g. UNI2-h on ``vit_giant_patch14_224``); ``arch`` overrides them.
+Builders import timm when called, so the registry lists these without torch.
 """
 
 from __future__ import annotations
 
-import timm
-from timm.layers import SwiGLUPacked
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from histoscope.encoders.pooling import CLS_MEAN_PATCH, MODEL_OUTPUT
 from histoscope.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, Preprocess, register_tile_encoder
 
-UNI_KWARGS = dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True)
-UNI2_H_KWARGS = dict(
-    img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-    mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU,
-    reg_tokens=8, dynamic_img_size=True,
-)
-GIGAPATH_KWARGS = dict(
-    img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
-    mlp_ratio=5.33334, num_classes=0,
-)
-VIRCHOW_KWARGS = dict(
-    img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True,
-    mlp_layer=SwiGLUPacked, act_layer=nn.SiLU,
-)
-VIRCHOW2_KWARGS = dict(VIRCHOW_KWARGS, reg_tokens=4)
-HOPTIMUS_KWARGS = dict(num_classes=0, img_size=224, global_pool="token", init_values=1e-5, dynamic_img_size=False)
+if TYPE_CHECKING:
+    from torch import nn
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+
+_HOPTIMUS_KWARGS = dict(num_classes=0, img_size=224, global_pool="token", init_values=1e-5, dynamic_img_size=False)
+
+
+def _timm(model: str, kwargs: dict[str, Any], arch: dict[str, Any]) -> nn.Module:
+    """timm's ``model`` with the authors' ``kwargs``, ``arch`` overriding them."""
+    import timm
+
+    return timm.create_model(model, pretrained=False, **{**kwargs, **arch})
+
+
+def _virchow_kwargs() -> dict[str, Any]:
+    from timm.layers import SwiGLUPacked
+    from torch import nn
+
+    return dict(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="",
+                dynamic_img_size=True, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+
 
 _RESIZE_224 = Preprocess(resize=224, crop=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _RESIZE_224_BICUBIC = Preprocess(resize=224, crop=224, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -46,7 +49,8 @@ _HOPTIMUS = Preprocess(resize=224, crop=224, interpolation="bilinear", mean=HOPT
     homepage="https://github.com/mahmoodlab/UNI",
 )
 def uni(**arch) -> nn.Module:
-    return timm.create_model("vit_large_patch16_224", pretrained=False, **{**UNI_KWARGS, **arch})
+    kwargs = dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True)
+    return _timm("vit_large_patch16_224", kwargs, arch)
 
 
 @register_tile_encoder(
@@ -56,7 +60,13 @@ def uni(**arch) -> nn.Module:
     homepage="https://github.com/mahmoodlab/UNI",
 )
 def uni2_h(**arch) -> nn.Module:
-    return timm.create_model("vit_giant_patch14_224", pretrained=False, **{**UNI2_H_KWARGS, **arch})
+    from timm.layers import SwiGLUPacked
+    from torch import nn
+
+    kwargs = dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+                  mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer=SwiGLUPacked,
+                  act_layer=nn.SiLU, reg_tokens=8, dynamic_img_size=True)
+    return _timm("vit_giant_patch14_224", kwargs, arch)
 
 
 @register_tile_encoder(
@@ -68,7 +78,9 @@ def uni2_h(**arch) -> nn.Module:
     homepage="https://github.com/prov-gigapath/prov-gigapath",
 )
 def gigapath(**arch) -> nn.Module:
-    return timm.create_model("vit_giant_patch14_dinov2", pretrained=False, **{**GIGAPATH_KWARGS, **arch})
+    kwargs = dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
+                  mlp_ratio=5.33334, num_classes=0)
+    return _timm("vit_giant_patch14_dinov2", kwargs, arch)
 
 
 @register_tile_encoder(
@@ -78,7 +90,7 @@ def gigapath(**arch) -> nn.Module:
     checkpoint_format="timm", homepage="https://huggingface.co/paige-ai/Virchow",
 )
 def virchow(**arch) -> nn.Module:
-    return timm.create_model("vit_huge_patch14_224", pretrained=False, **{**VIRCHOW_KWARGS, **arch})
+    return _timm("vit_huge_patch14_224", _virchow_kwargs(), arch)
 
 
 @register_tile_encoder(
@@ -89,7 +101,7 @@ def virchow(**arch) -> nn.Module:
     homepage="https://huggingface.co/paige-ai/Virchow2",
 )
 def virchow2(**arch) -> nn.Module:
-    return timm.create_model("vit_huge_patch14_224", pretrained=False, **{**VIRCHOW2_KWARGS, **arch})
+    return _timm("vit_huge_patch14_224", dict(_virchow_kwargs(), reg_tokens=4), arch)
 
 
 @register_tile_encoder(
@@ -99,7 +111,7 @@ def virchow2(**arch) -> nn.Module:
     homepage="https://github.com/bioptimus/releases",
 )
 def hoptimus0(**arch) -> nn.Module:
-    return timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, **{**HOPTIMUS_KWARGS, **arch})
+    return _timm("vit_giant_patch14_reg4_dinov2", _HOPTIMUS_KWARGS, arch)
 
 
 @register_tile_encoder(
@@ -109,4 +121,4 @@ def hoptimus0(**arch) -> nn.Module:
     checkpoint_format="timm", homepage="https://huggingface.co/bioptimus/H-optimus-1",
 )
 def hoptimus1(**arch) -> nn.Module:
-    return timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, **{**HOPTIMUS_KWARGS, **arch})
+    return _timm("vit_giant_patch14_reg4_dinov2", _HOPTIMUS_KWARGS, arch)

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from histoscope.layers.gated_attention import AttentionNet, GatedAttentionNet
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask, masked_softmax
-from histoscope.slide.registry import register_slide_model
 
-__all__ = ["ABMIL", "CLAM_SIZES", "clam_state_dict"]
+__all__ = ["ABMIL", "CLAM_SIZES", "abmil_state_dict", "clam_state_dict"]
 
 # CLAM's size_arg → (H, A)
 CLAM_SIZES = {"small": (512, 256), "big": (512, 384)}
@@ -51,8 +50,8 @@ class ABMIL(SlideModel):
         K.
     """
 
-    def __init__(self, *, in_dim: int, num_outputs: int, hidden_dim: int = 512, attn_dim: int = 256,
-                 gated: bool = True, dropout: float = 0.25, num_branches: int = 1):
+    def __init__(self, *, in_dim: int, num_outputs: int, hidden_dim: int, attn_dim: int, gated: bool, dropout: float,
+                 num_branches: int = 1):
         super().__init__()
         self.embed_dim = hidden_dim
         self.num_outputs = num_outputs
@@ -118,27 +117,7 @@ def clam_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
     return state
 
 
-def _abmil_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
-    # A CLAM_SB run with --no_inst_cluster still saves its (untrained) instance classifiers.
+def abmil_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """As :func:`clam_state_dict`, without instance classifiers: a CLAM_SB run with
+    ``--no_inst_cluster`` still saves its (untrained) ones."""
     return {k: v for k, v in clam_state_dict(checkpoint).items() if not k.startswith("instance_classifiers.")}
-
-
-_PAPER = "Ilse, Tomczak & Welling, Attention-based Deep Multiple Instance Learning, ICML 2018"
-_TINY = {"hidden_dim": 32, "attn_dim": 16}
-
-
-@register_slide_model("abmil", description="Attention MIL, tanh attention (Ilse et al.), CLAM trunk",
-                      defaults={"hidden_dim": 512, "attn_dim": 256, "dropout": 0.25}, tiny=_TINY,
-                      convert_checkpoint=_abmil_checkpoint, paper=_PAPER)
-def abmil(*, in_dim: int, num_outputs: int, hidden_dim: int = 512, attn_dim: int = 256, dropout: float = 0.25) -> ABMIL:
-    return ABMIL(in_dim=in_dim, num_outputs=num_outputs, hidden_dim=hidden_dim, attn_dim=attn_dim, gated=False,
-                 dropout=dropout)
-
-
-@register_slide_model("abmil_gated", description="Gated attention MIL (CLAM_SB without instance loss)",
-                      defaults={"hidden_dim": 512, "attn_dim": 256, "dropout": 0.25}, tiny=_TINY,
-                      convert_checkpoint=_abmil_checkpoint, paper=_PAPER)
-def abmil_gated(*, in_dim: int, num_outputs: int, hidden_dim: int = 512, attn_dim: int = 256,
-                dropout: float = 0.25) -> ABMIL:
-    return ABMIL(in_dim=in_dim, num_outputs=num_outputs, hidden_dim=hidden_dim, attn_dim=attn_dim, gated=True,
-                 dropout=dropout)

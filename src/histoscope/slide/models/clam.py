@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from histoscope.slide.base import SlideOutput
-from histoscope.slide.models.abmil import ABMIL, CLAM_SIZES, clam_state_dict
-from histoscope.slide.registry import register_slide_model
+from histoscope.slide.models.abmil import ABMIL, CLAM_SIZES
 
-__all__ = ["CLAM"]
+__all__ = ["CLAM", "clam_widths"]
 
 
 class CLAM(ABMIL):
@@ -49,9 +48,8 @@ class CLAM(ABMIL):
         Weight of the bag loss; stored for the trainer, unused by the model.
     """
 
-    def __init__(self, *, in_dim: int, num_outputs: int, hidden_dim: int = 512, attn_dim: int = 256,
-                 gated: bool = True, dropout: float = 0.25, multi_branch: bool = False, k_sample: int = 8,
-                 subtyping: bool = False, bag_weight: float = 0.7):
+    def __init__(self, *, in_dim: int, num_outputs: int, hidden_dim: int, attn_dim: int, gated: bool, dropout: float,
+                 multi_branch: bool, k_sample: int, subtyping: bool, bag_weight: float):
         if multi_branch and num_outputs < 1:
             raise ValueError("CLAM-MB needs num_outputs >= 1: it has one attention branch per class")
         super().__init__(in_dim=in_dim, num_outputs=num_outputs, hidden_dim=hidden_dim, attn_dim=attn_dim,
@@ -102,35 +100,9 @@ class CLAM(ABMIL):
         return torch.stack(losses).mean()
 
 
-def _size(size: str, hidden_dim: int | None, attn_dim: int | None) -> dict[str, int]:
+def clam_widths(size: str, hidden_dim: int | None, attn_dim: int | None) -> dict[str, int]:
+    """``hidden_dim`` and ``attn_dim`` of CLAM's ``size_arg``, unless given."""
     if size not in CLAM_SIZES:
         raise ValueError(f"unknown CLAM size {size!r}; use one of {sorted(CLAM_SIZES)}")
     default_hidden, default_attn = CLAM_SIZES[size]
     return {"hidden_dim": hidden_dim or default_hidden, "attn_dim": attn_dim or default_attn}
-
-
-_PAPER = "Lu et al., Data-efficient and weakly supervised computational pathology on whole-slide images, Nat. Biomed. Eng. 2021"
-_DEFAULTS = {"size": "small", "gated": True, "dropout": 0.25, "k_sample": 8, "subtyping": False, "bag_weight": 0.7}
-_TINY = {"hidden_dim": 32, "attn_dim": 16, "k_sample": 4}
-
-
-def _build(multi_branch: bool, *, in_dim: int, num_outputs: int, size: str = "small", hidden_dim: int | None = None,
-           attn_dim: int | None = None, gated: bool = True, dropout: float = 0.25, k_sample: int = 8,
-           subtyping: bool = False, bag_weight: float = 0.7) -> CLAM:
-    return CLAM(in_dim=in_dim, num_outputs=num_outputs, **_size(size, hidden_dim, attn_dim), gated=gated,
-                dropout=dropout, multi_branch=multi_branch, k_sample=k_sample, subtyping=subtyping,
-                bag_weight=bag_weight)
-
-
-@register_slide_model("clam_sb", description="CLAM single-branch: gated attention MIL + instance clustering",
-                      defaults=_DEFAULTS, tiny=_TINY, convert_checkpoint=clam_state_dict, paper=_PAPER)
-def clam_sb(**kwargs) -> CLAM:
-    """``size``: "small" (H 512, A 256) or "big" (A 384); ``hidden_dim``/``attn_dim`` override it."""
-    return _build(False, **kwargs)
-
-
-@register_slide_model("clam_mb", description="CLAM multi-branch: one attention branch per class + instance clustering",
-                      defaults=_DEFAULTS, tiny=_TINY, convert_checkpoint=clam_state_dict, paper=_PAPER)
-def clam_mb(**kwargs) -> CLAM:
-    """As :func:`clam_sb` with one attention branch and one bag classifier per class."""
-    return _build(True, **kwargs)

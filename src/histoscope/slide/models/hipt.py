@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from histoscope.io.checkpoint import compare_state_dict, read_checkpoint
 from histoscope.layers.gated_attention import GatedAttentionNet
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask, masked_softmax
-from histoscope.slide.registry import SlideWeightsError, read_checkpoint, register_slide_model
+from histoscope.slide.registry import SlideWeightsError
 
 __all__ = ["HIPT", "VisionTransformer4K", "region_grids", "hipt_state_dict", "vit4k_state_dict", "load_vit4k_dino"]
 
@@ -71,9 +72,9 @@ class VisionTransformer4K(nn.Module):
         As timm/DINO (0 in ``vit4k_xs``).
     """
 
-    def __init__(self, *, in_dim: int = 384, embed_dim: int = 192, depth: int = 6, num_heads: int = 6,
-                 mlp_ratio: float = 4.0, pretrain_grid: int = 14, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+    def __init__(self, *, in_dim: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
+                 pretrain_grid: int = 14, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
         super().__init__()
         self.embed_dim = embed_dim
         self.phi = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.GELU(), nn.Dropout(drop_rate))
@@ -178,7 +179,8 @@ class HIPT(SlideModel):
     num_outputs : int
         C; > 0 adds the ``classifier``.
     tile_size : float
-        Level-0 px per tile (grid step of the coords).
+        Level-0 px per tile (grid step of the coords): the features' tile geometry
+        ``size_level0`` (``histoscope train`` sets it from the features file).
     region_tiles : int
         G, tiles per region edge (4096 / 256).
     embed_dim, local_depth, local_heads : int
@@ -191,9 +193,9 @@ class HIPT(SlideModel):
         Region ViT dropout (0 in ``vit4k_xs``).
     """
 
-    def __init__(self, *, in_dim: int = 384, num_outputs: int = 0, tile_size: float = 256, region_tiles: int = 16,
-                 embed_dim: int = 192, local_depth: int = 6, local_heads: int = 6, global_depth: int = 2,
-                 global_heads: int = 3, dropout: float = 0.25, local_drop_rate: float = 0.0):
+    def __init__(self, *, in_dim: int, num_outputs: int, tile_size: float, region_tiles: int, embed_dim: int,
+                 local_depth: int, local_heads: int, global_depth: int, global_heads: int, dropout: float,
+                 local_drop_rate: float):
         super().__init__()
         self.tile_size = tile_size
         self.region_tiles = region_tiles
@@ -281,26 +283,13 @@ def load_vit4k_dino(model: HIPT | VisionTransformer4K, path: str | Path) -> None
     """Load the published ``vit4k_xs_dino.pth`` into a HIPT model's ``local_vit``
     (or a bare :class:`VisionTransformer4K`), strictly."""
     path = Path(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, kind="weights")
     vit = model.local_vit if isinstance(model, HIPT) else model
-    result = vit.load_state_dict(vit4k_state_dict(checkpoint), strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    state = vit4k_state_dict(checkpoint)
+    missing, unexpected, mismatched = compare_state_dict(vit, state)
+    if missing or unexpected or mismatched:
         raise SlideWeightsError(
-            f"{path} does not fit the region ViT: {len(result.missing_keys)} missing keys {result.missing_keys[:8]}, "
-            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:8]}")
-
-
-_PAPER = ("Chen et al., Scaling Vision Transformers to Gigapixel Images via Hierarchical Self-Supervised "
-          "Learning, CVPR 2022")
-
-
-@register_slide_model(
-    "hipt", description="HIPT: ViT-4K over 16x16 grids of 256-px tile embeddings, then a slide transformer "
-                        "with gated attention pooling (HIPT_LGP_FC)",
-    defaults={"tile_size": 256, "region_tiles": 16, "embed_dim": 192, "local_depth": 6, "local_heads": 6,
-              "global_depth": 2, "global_heads": 3, "dropout": 0.25},
-    tiny={"embed_dim": 32, "local_depth": 1, "local_heads": 2, "global_depth": 1, "global_heads": 2},
-    convert_checkpoint=hipt_state_dict, paper=_PAPER)
-def hipt(*, in_dim: int = 384, num_outputs: int = 0, **kwargs: Any) -> HIPT:
-    """``HIPT_LGP_FC(size_arg="small")``; ``kwargs`` as :class:`HIPT`."""
-    return HIPT(in_dim=in_dim, num_outputs=num_outputs, **kwargs)
+            f"{path} does not fit the region ViT: {len(missing)} missing keys {missing[:8]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}, {len(mismatched)} shape mismatches "
+            f"{mismatched[:8]}")
+    vit.load_state_dict(state)

@@ -58,13 +58,11 @@ from torch import Tensor, nn
 from histoscope.layers.dilated_attention import DilatedAttention
 from histoscope.layers.sincos import sincos_2d
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask
-from histoscope.slide.registry import register_slide_model
+from histoscope.slide.models import PUBLISHED_DILATION_RATIOS, PUBLISHED_SEGMENT_LENGTHS
 
 __all__ = ["LongNetSlideEncoder", "LongNetEncoder", "LongNetEncoderLayer", "gigapath_state_dict",
            "optimal_segment_lengths", "grid_indices", "PUBLISHED_SEGMENT_LENGTHS", "PUBLISHED_DILATION_RATIOS"]
 
-PUBLISHED_SEGMENT_LENGTHS = (1024, 5792, 32768, 185363, 1048576)
-PUBLISHED_DILATION_RATIOS = (1, 2, 4, 8, 16)
 _FFN_CHUNK = 1 << 14  # tokens per feed-forward call without autograd (bounds the 4·E-wide activations)
 
 
@@ -181,7 +179,8 @@ class LongNetSlideEncoder(SlideModel):
     segment_lengths, dilation_ratios : sequence of int
         The dilated-attention branches.
     tile_size : float
-        Level-0 pixels per grid step (the features' ``patch_size_level0``).
+        Level-0 pixels per grid step: the features' tile geometry ``size_level0``
+        (``patch_size_level0``; ``histoscope train`` sets it from the features file).
     slide_ngrids : int
         Width of the official position table (only its wrap-around depends on it).
     global_pool : bool
@@ -196,13 +195,10 @@ class LongNetSlideEncoder(SlideModel):
         Keep the official zero-padding keys in the attention softmax (checkpoint parity).
     """
 
-    def __init__(self, *, in_dim: int = 1536, num_outputs: int = 0, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 16, mlp_ratio: float = 4.0,
-                 segment_lengths: Sequence[int] = PUBLISHED_SEGMENT_LENGTHS,
-                 dilation_ratios: Sequence[int] = PUBLISHED_DILATION_RATIOS, tile_size: float = 256,
-                 slide_ngrids: int = 1000, global_pool: bool = True, feat_layers: Sequence[int] | None = None,
-                 all_layer_embed: bool = False, dropout: float = 0.25, drop_path_rate: float = 0.1,
-                 count_pad_keys: bool = True):
+    def __init__(self, *, in_dim: int, num_outputs: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float,
+                 segment_lengths: Sequence[int], dilation_ratios: Sequence[int], tile_size: float, slide_ngrids: int,
+                 global_pool: bool, feat_layers: Sequence[int] | None, all_layer_embed: bool, dropout: float,
+                 drop_path_rate: float, count_pad_keys: bool):
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos positions, got {embed_dim}")
@@ -238,6 +234,23 @@ class LongNetSlideEncoder(SlideModel):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.cls_token, std=0.02)
+
+    def layer_ids(self) -> dict[str, int]:
+        """Prov-GigaPath fine-tuning's depths (its ``get_layer_id`` on ``ClassificationHead``
+        names): ``cls_token`` 0, ``encoder.layers.i`` i + 1, everything else depth + 1.
+        Everything else includes ``patch_embed``: the official rule tests for a
+        ``patch_embed`` prefix that the head's ``slide_encoder.patch_embed.*`` names never
+        have, so the published fine-tuning trains the tile projection at the full rate."""
+        top = len(self.encoder.layers) + 1
+        ids = {}
+        for name, _ in self.named_parameters():
+            if name == "cls_token":
+                ids[name] = 0
+            elif name.startswith("encoder.layers."):
+                ids[name] = int(name.split(".")[2]) + 1
+            else:
+                ids[name] = top
+        return ids
 
     def position_embedding(self, coords: Tensor, dtype: torch.dtype) -> Tensor:
         """coords (B, N, 2) level-0 (x, y) → (B, N, E) fixed 2-D sin-cos."""
@@ -306,19 +319,3 @@ def gigapath_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
         if key != "pos_embed":
             state[key] = value
     return state
-
-
-_PAPER = "Xu et al., A whole-slide foundation model for digital pathology from real-world data, Nature 2024"
-
-
-@register_slide_model(
-    "gigapath_slide",
-    description="Prov-GigaPath slide encoder: LongNet dilated attention over tiles with 2-D sin-cos positions",
-    defaults={"embed_dim": 768, "depth": 12, "num_heads": 16, "mlp_ratio": 4.0,
-              "segment_lengths": list(PUBLISHED_SEGMENT_LENGTHS), "dilation_ratios": list(PUBLISHED_DILATION_RATIOS),
-              "tile_size": 256, "global_pool": True, "dropout": 0.25, "drop_path_rate": 0.1},
-    tiny={"embed_dim": 32, "depth": 2, "num_heads": 4, "segment_lengths": [8, 16], "dilation_ratios": [1, 2]},
-    convert_checkpoint=gigapath_state_dict, paper=_PAPER)
-def gigapath_slide(*, in_dim: int = 1536, num_outputs: int = 0, **kwargs: Any) -> LongNetSlideEncoder:
-    """``gigapath_slide_enc12l768d``; ``kwargs`` as :class:`LongNetSlideEncoder`."""
-    return LongNetSlideEncoder(in_dim=in_dim, num_outputs=num_outputs, **kwargs)

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from histoscope.layers.perceiver import PerceiverResampler
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask
-from histoscope.slide.registry import register_slide_model
 
 __all__ = ["PerceiverMIL", "histogpt_resampler_state_dict"]
 
@@ -47,8 +46,8 @@ class PerceiverMIL(SlideModel):
         :class:`~histoscope.layers.perceiver.PerceiverResampler` settings.
     """
 
-    def __init__(self, *, in_dim: int, num_outputs: int, dim: int = 1536, depth: int = 6, num_latents: int = 640,
-                 dim_head: int = 96, heads: int = 16, ff_mult: int = 4):
+    def __init__(self, *, in_dim: int, num_outputs: int, dim: int, depth: int, num_latents: int, dim_head: int,
+                 heads: int, ff_mult: int):
         super().__init__()
         self.embed_dim = dim
         self.num_outputs = num_outputs
@@ -79,16 +78,3 @@ def histogpt_resampler_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tenso
     if not state:
         raise KeyError(f"no {_HISTOGPT_PREFIX}* keys in the checkpoint; is it a HistoGPT checkpoint?")
     return state
-
-
-@register_slide_model(
-    "perceiver", description="HistoGPT's Perceiver resampler, mean of latents + Linear head (stage-1 head: our choice)",
-    defaults={"dim": 1536, "depth": 6, "num_latents": 640, "dim_head": 96, "heads": 16, "ff_mult": 4},
-    tiny={"dim": 32, "depth": 2, "num_latents": 8, "dim_head": 8, "heads": 4},
-    convert_checkpoint=histogpt_resampler_state_dict,
-    paper="Tran et al., Generating dermatopathology reports from gigapixel whole slide images with HistoGPT, "
-          "Nat. Commun. 2025")
-def perceiver(*, in_dim: int, num_outputs: int, dim: int = 1536, depth: int = 6, num_latents: int = 640,
-              dim_head: int = 96, heads: int = 16, ff_mult: int = 4) -> PerceiverMIL:
-    return PerceiverMIL(in_dim=in_dim, num_outputs=num_outputs, dim=dim, depth=depth, num_latents=num_latents,
-                        dim_head=dim_head, heads=heads, ff_mult=ff_mult)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask
-from histoscope.slide.registry import register_slide_model
 
 __all__ = ["MeanPool", "MaxPool"]
 
@@ -48,15 +47,3 @@ class MaxPool(_Pool):
         scores = features.new_zeros(mask.shape).scatter_add_(1, winner, features.new_ones(winner.shape))
         scores = (scores / features.shape[-1]) * mask
         return self._output(embedding, scores)
-
-
-@register_slide_model("mean_pool", description="Masked mean of tile embeddings, optional Linear head",
-                      defaults={}, tiny={})
-def mean_pool(*, in_dim: int, num_outputs: int) -> MeanPool:
-    return MeanPool(in_dim=in_dim, num_outputs=num_outputs)
-
-
-@register_slide_model("max_pool", description="Masked per-dimension max of tile embeddings, optional Linear head",
-                      defaults={}, tiny={})
-def max_pool(*, in_dim: int, num_outputs: int) -> MaxPool:
-    return MaxPool(in_dim=in_dim, num_outputs=num_outputs)

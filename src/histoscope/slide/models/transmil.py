@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from histoscope.layers.nystrom import NystromAttention
 from histoscope.slide.base import SlideModel, SlideOutput, default_mask
-from histoscope.slide.registry import register_slide_model
 
 __all__ = ["TransMIL", "PPEG", "TransLayer", "square_pad"]
 
@@ -72,8 +71,8 @@ class PPEG(nn.Module):
 class TransLayer(nn.Module):
     """``x + NystromAttention(LayerNorm(x))`` with TransMIL's attention settings."""
 
-    def __init__(self, *, dim: int, heads: int = 8, num_landmarks: int | None = None, pinv_iterations: int = 6,
-                 dropout: float = 0.1, legacy_nystrom_padding: bool = False):
+    def __init__(self, *, dim: int, heads: int, num_landmarks: int | None, pinv_iterations: int, dropout: float,
+                 legacy_nystrom_padding: bool):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = NystromAttention(dim=dim, heads=heads, dim_head=dim // heads,
@@ -104,9 +103,8 @@ class TransMIL(SlideModel):
         Reproduce nystrom-attention 0.0.9's misaligned outputs.
     """
 
-    def __init__(self, *, in_dim: int, num_outputs: int, dim: int = 512, heads: int = 8,
-                 num_landmarks: int | None = None, pinv_iterations: int = 6, dropout: float = 0.1,
-                 legacy_nystrom_padding: bool = False):
+    def __init__(self, *, in_dim: int, num_outputs: int, dim: int, heads: int, num_landmarks: int | None,
+                 pinv_iterations: int, dropout: float, legacy_nystrom_padding: bool):
         super().__init__()
         self.embed_dim = dim
         self.num_outputs = num_outputs
@@ -145,7 +143,7 @@ class TransMIL(SlideModel):
         return SlideOutput(embedding=embedding, logits=logits, scores=torch.stack(scores).to(embedding.dtype))
 
 
-def _transmil_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+def transmil_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
     """A TransMIL ``state_dict``, or a Lightning ``.ckpt`` of ``train.py`` (keys under
     ``state_dict`` with the ``model.`` prefix; that prefix is inferred, not verified)."""
     if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], dict):
@@ -153,14 +151,3 @@ def _transmil_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
     if checkpoint and all(key.startswith("model.") for key in checkpoint):
         checkpoint = {re.sub(r"^model\.", "", key): value for key, value in checkpoint.items()}
     return dict(checkpoint)
-
-
-@register_slide_model(
-    "transmil", description="TransMIL: Nyström-attention transformer with PPEG position encoding",
-    defaults={"dim": 512, "heads": 8, "pinv_iterations": 6, "dropout": 0.1, "legacy_nystrom_padding": False},
-    tiny={"dim": 32, "heads": 4}, convert_checkpoint=_transmil_checkpoint,
-    paper="Shao et al., TransMIL: Transformer based Correlated Multiple Instance Learning, NeurIPS 2021")
-def transmil(*, in_dim: int, num_outputs: int, dim: int = 512, heads: int = 8, num_landmarks: int | None = None,
-             pinv_iterations: int = 6, dropout: float = 0.1, legacy_nystrom_padding: bool = False) -> TransMIL:
-    return TransMIL(in_dim=in_dim, num_outputs=num_outputs, dim=dim, heads=heads, num_landmarks=num_landmarks,
-                    pinv_iterations=pinv_iterations, dropout=dropout, legacy_nystrom_padding=legacy_nystrom_padding)

@@ -1,0 +1,79 @@
+"""The ``histoscope`` command line: start-up without torch, the model listing, the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from histoscope.cli.main import app
+from histoscope.encoders import get_tile_encoder_spec, list_tile_encoders
+from histoscope.io.features_h5 import read_features
+from histoscope.io.sample import make_sample_slide
+from histoscope.slide import get_slide_model_spec, list_slide_models
+from histoscope.tiling import read_patches
+
+runner = CliRunner()
+
+# Runs the CLI in a fresh interpreter, then reports which heavy modules it imported.
+_PROBE = """
+import sys
+from histoscope.cli.main import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print("imported:", " ".join(m for m in ("torch", "timm", "torchvision") if m in sys.modules), "| exit:", code)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["models"], ["info", "SLIDE"]], ids=["help", "models", "info"])
+def test_quick_commands_never_import_torch(args, svs_slide):
+    args = [str(svs_slide.path) if a == "SLIDE" else a for a in args]
+    done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "imported:  | exit: 0"
+
+
+def test_models_lists_every_registered_model():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.startswith("  ") and line.split()}
+    for name in list_tile_encoders():
+        spec = get_tile_encoder_spec(name)
+        assert rows[name].split()[1] == str(spec.embed_dim)
+        assert (spec.hf_repo or "file only (--weights)") in rows[name] and spec.license in rows[name]
+        assert f"{spec.native_mpp:g}" in rows[name]
+    for name in list_slide_models():
+        assert rows[name].split(None, 1)[1] == get_slide_model_spec(name).description
+    slide_only = runner.invoke(app, ["models", "--kind", "slide"])
+    assert slide_only.exit_code == 0
+    assert "Tile encoders" not in slide_only.output and "Slide models" in slide_only.output
+    assert {line.split()[0] for line in slide_only.output.splitlines()[1:]} == set(list_slide_models())
+
+
+@pytest.mark.integration
+def test_demo_tiles_and_embeds_its_sample_slide(tmp_path):
+    # The demo generates an 8192 x 6144 slide unless one is there; a small one keeps this test quick.
+    out = tmp_path / "demo"
+    make_sample_slide(out / "slides" / "sample.svs", width=2048, height=1536, mpp=0.25, kind="svs", seed=5)
+    first = runner.invoke(app, ["demo", "--out", str(out), "--workers", "0"])
+    assert first.exit_code == 0, first.output
+    assert "generated" not in first.output and "RANDOM weights" in first.output
+    for path in ("contours_geojson/sample.geojson", "thumbnails/sample.jpg", "masks/sample.png"):
+        assert (out / path).is_file(), path
+    coords, attrs = read_patches(out / "patches" / "sample_patches.h5")
+    assert (attrs["patch_size"], attrs["target_mpp"], attrs["patch_size_level0"]) == (256, 0.5, 512)
+    features, feature_coords, feature_attrs = read_features(out / "features_demo_vit_small_random" / "sample.h5")
+    assert len(coords) > 0 and features.shape == (len(coords), 384) and np.isfinite(features).all()
+    np.testing.assert_array_equal(feature_coords, coords)
+    assert feature_attrs["encoder"] == "timm:vit_small_patch16_224"
+    # A rerun keeps the tiles; random weights are never "the same weights", so it embeds again.
+    again = runner.invoke(app, ["demo", "--out", str(out), "--workers", "0"])
+    assert again.exit_code == 0, again.output
+    tile_line, embed_line = [line for line in again.output.splitlines() if "slide(s) ok" in line]
+    assert "(1 already done)" in tile_line and "(0 already done)" in embed_line
+    assert read_features(out / "features_demo_vit_small_random" / "sample.h5")[0].shape == features.shape
