@@ -306,3 +306,66 @@ def test_layerwise_decay_groups():
     assert group("model.blocks.1.norm1.weight")["wd_multiplier"] == 0.0
     assert group("model.blocks.1.attn.qkv.weight")["wd_multiplier"] == 1.0
     assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_dinov2_sums_and_scales_the_terms_as_ssl_meta_arch(centering, tmp_path):
+    from pathlib import Path
+
+    from histoscope.pretrain import get_objective, load_pretrain_recipe
+    from histoscope.pretrain.objective import RunInfo
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "dinov2_tiny.yaml"
+    recipe = load_pretrain_recipe("dinov2", tiny, [f"data.images={tmp_path}", "student.drop_path_rate=0",
+                                                   f"centering={centering}", "optim.batch_size=4",
+                                                   # no LayerScale, so that KoLeo's distances are not at float32's
+                                                   # resolution (a LayerScale-1e-5 ViT maps all tiles alike)
+                                                   "arch.init_values=null"])
+    info = RunInfo(total_iters=20, epoch_length=5, global_batch=4, device=torch.device("cpu"), seed=0)
+    objective = get_objective("dinov2").build(recipe.config, recipe.common, info)
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8) for _ in range(4)]
+    batch = objective.collate()(tiles, positions=np.arange(4), step=0, rank=0, world_size=1, seed=0)
+    masks, index = batch["masks"], batch["mask_indices"]
+    assert masks.any()
+
+    with torch.no_grad():  # the reference's forward_backward, term by term, in float64
+        g, loc = objective.normalize(batch["global_crops"]), objective.normalize(batch["local_crops"])
+        t = objective.teacher.backbone(g)
+        a, b = t["cls"].chunk(2)
+        t_cls = objective.teacher.dino_head(torch.cat([b, a])).double()
+        t_masked = objective.teacher.ibot_head(t["patch"].flatten(0, 1)[index]).double()
+        s = objective.student.backbone(g, masks)
+        s_global = objective.student.dino_head(s["cls"])
+        s_local = objective.student.dino_head(objective.student.backbone(loc)["cls"])
+        s_masked = objective.student.ibot_head(s["patch"].flatten(0, 1)[index])
+        temp = 0.04  # warm-up start of the teacher temperature
+        if centering == "centering":  # the centres are still zero at the first step
+            targets, ibot_targets = _softmax64(t_cls, temp), _softmax64(t_masked, temp)
+        else:
+            targets = torch.from_numpy(_sinkhorn_ref(t_cls, temp))
+            ibot_targets = torch.from_numpy(_sinkhorn_ref(t_masked, temp))
+        targets = targets.view(2, 4, -1)
+        terms = 2 + 2 * 2  # n_global_crops_loss_terms + n_local_crops_loss_terms
+
+        def ce(teacher, student):
+            return -(teacher * _log_softmax64(student, 0.1)).sum(-1)
+
+        local = sum(ce(targets[j], crop).mean() for crop in s_local.chunk(2) for j in range(2)) / terms
+        glob = ce(targets.flatten(0, 1), s_global).mean() * 2 / terms
+        z = torch.nn.functional.normalize(s["cls"].double(), dim=-1)
+        koleo = 0
+        for part in z.chunk(2):
+            dots = part @ part.T
+            dots.fill_diagonal_(-1)
+            koleo = koleo - torch.log((part - part[dots.argmax(1)] + 1e-8).norm(dim=-1) + 1e-8).mean()
+        koleo = 0.1 * koleo
+        weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks].double()
+        ibot = (ce(ibot_targets, s_masked) * weight).sum() / len(masks) * 2 * 0.5
+
+    out = {k: v.detach() for k, v in objective(batch, step=0).items()}
+    assert float(out["dino_local_crops_loss"]) == pytest.approx(float(local), rel=1e-5)
+    assert float(out["dino_global_crops_loss"]) == pytest.approx(float(glob), rel=1e-5)
+    assert float(out["koleo_loss"]) == pytest.approx(float(koleo) / 2, rel=1e-5)  # displayed halved
+    assert float(out["ibot_loss"]) == pytest.approx(float(ibot) / 2, rel=1e-5)  # displayed halved
+    assert float(out["loss"]) == pytest.approx(float(local + glob + koleo + ibot), rel=1e-5)
