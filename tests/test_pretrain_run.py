@@ -203,6 +203,7 @@ def test_killed_run_resumes_to_the_same_weights(data, reference_run, tmp_path):
     assert 2 <= stopped_at < 6 and not (tmp_path / "killed" / "export").exists()
     resumed = subprocess.run(cmd[:-len(PARITY) - 1] + PARITY, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at + 1}" in resumed.stdout  # "resuming OUT at step k+1"
     one, again = _weights(out), _weights(tmp_path / "killed")
     for key in one:
         torch.testing.assert_close(again[key], one[key], rtol=0, atol=1e-6)
