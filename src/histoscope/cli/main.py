@@ -280,13 +280,12 @@ def demo(
 
 
 def _register_stage_commands() -> None:
-    from histoscope.cli.align_cmds import register as register_align
-    from histoscope.cli.eval_cmds import register as register_eval
-    from histoscope.cli.slide_cmds import register
+    from histoscope.cli import align_cmds, eval_cmds, pretrain_cmds, slide_cmds
 
-    register(app)
-    register_eval(app)
-    register_align(app)
+    slide_cmds.register(app)
+    eval_cmds.register(app)
+    align_cmds.register(app)
+    pretrain_cmds.register(app)
 
 
 _register_stage_commands()

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
 
-__all__ = ["TileSource", "TileStream", "tile_loader"]
+__all__ = ["TileSource", "TileStream", "single_threaded_worker", "tile_loader", "worker_context"]
 
 
 @dataclass(frozen=True)
@@ -92,12 +92,12 @@ def tile_loader(sources: Sequence[TileSource], *, chunk_size: int = 64, num_work
     stream = TileStream(sources, chunk_size=chunk_size, transform=transform)
     options: dict[str, Any] = {}
     if num_workers > 0:
-        options = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": _single_threaded,
-                   "multiprocessing_context": _worker_context()}
+        options = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": single_threaded_worker,
+                   "multiprocessing_context": worker_context()}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, **options)
 
 
-def _worker_context():
+def worker_context():
     """Workers fork from a clean server process, never from this one: forking a process
     whose OpenCV/OpenMP thread pools have run can deadlock the child, while the server
     has only imported the decoding stack (so workers still start in milliseconds)."""
@@ -110,7 +110,7 @@ def _worker_context():
     return context
 
 
-def _single_threaded(_worker_id: int) -> None:
+def single_threaded_worker(_worker_id: int) -> None:
     """Keep each decoding worker on one core: OpenCV otherwise starts a thread pool
     per worker that fights the model's threads for the same cores."""
     import cv2

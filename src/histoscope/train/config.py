@@ -9,22 +9,17 @@ have is an error that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from histoscope.utils.recipe import ConfigError, apply_overrides, build_config, read_recipe, record_recipe
 
 __all__ = ["TrainConfig", "SurvivalConfig", "ConfigError", "load_recipe", "apply_overrides", "build_config",
            "read_recipe", "record_recipe"]
 
 TASKS = ("classification", "regression", "survival")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    """A recipe has an unknown key, a value of the wrong type or an invalid setting."""
 
 
 @dataclass
@@ -118,112 +113,6 @@ def _get(config: Any, dotted: str) -> Any:
     return config
 
 
-def _valid_keys(cls, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys += _valid_keys(hint, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _unknown_key(key: str, prefix: str, root) -> ConfigError:
-    valid = _valid_keys(root)
-    close = difflib.get_close_matches(prefix + key, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown recipe key {prefix + key!r}{hint}; valid keys: {', '.join(valid)}")
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a field's annotation, converting only where it is lossless."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and not isinstance(value, bool):
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        if option is str and isinstance(value, (str, Path)):
-            return str(value)
-        if option is dict and isinstance(value, dict):
-            return dict(value)
-    names = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
-    raise ConfigError(f"recipe key {name!r} must be {names}, got {value!r}")
-
-
-def build_config(cls, data: dict[str, Any]):
-    """An instance of the config dataclass ``cls`` from a recipe mapping, every key and type checked."""
-    return _build(cls, data, prefix="", root=cls)
-
-
-def _build(cls, data: dict[str, Any], prefix: str, root):
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in data.items():
-        if key not in known:
-            raise _unknown_key(str(key), prefix, root)
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value or {}, f"{prefix}{key}.", root)
-        else:
-            values[key] = _coerce(prefix + key, value, hint)
-    return cls(**values)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``data`` with each ``dotted.key=value`` set (value parsed as a YAML scalar)."""
-    import yaml
-
-    data = _deep_copy(data)
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {override!r} is not key=value")
-        value = yaml.safe_load(text) if text.strip() else None
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
-
-
-def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """A YAML recipe's mapping (empty without ``path``) with ``key=value`` overrides applied."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such recipe file")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a YAML mapping of keys to values")
-    return apply_overrides(data, list(overrides or []))
-
-
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A validated :class:`TrainConfig` from a YAML recipe (optional) and overrides.
 
@@ -232,23 +121,3 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
     """
     return TrainConfig.from_dict(read_recipe(path, overrides)).validate()
-
-
-def record_recipe(out: str | Path, config, *, resume: bool, resume_free: set[str]) -> None:
-    """Write ``OUT/config.yaml``. With ``resume`` (a rerun building on earlier work in ``out``),
-    first refuse a recipe that differs from the recorded one in anything but ``resume_free``."""
-    import yaml
-
-    from histoscope.io.atomic import atomic_path
-
-    path = Path(out) / "config.yaml"
-    current = config.to_dict()
-    if resume and path.exists():
-        previous = yaml.safe_load(path.read_text()) or {}
-        changed = sorted(k for k in set(previous) | set(current)
-                         if k not in resume_free and previous.get(k) != current.get(k))
-        if changed:
-            raise ConfigError(f"{out} holds a run with a different recipe (differs in {', '.join(changed)}); "
-                              "use another out_dir, or --overwrite to start afresh")
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(current, sort_keys=False))
