@@ -75,19 +75,14 @@ LIGHT = ["augment.grayscale=0", "augment.hue=0", "augment.color_jitter=0.2", "au
 
 @pytest.fixture(scope="module")
 def short_run(data, tmp_path_factory):
-    """40 steps with the kNN probe before training and after the last step (when histoscope.eval has it)."""
-    import histoscope.eval
-
-    probes = hasattr(histoscope.eval, "knn_probe") or "knn_probe" in getattr(histoscope.eval, "__all__", ())
-    extra = ["eval.every=40", f"eval.images={data / 'labelled'}", "eval.k=10"] if probes else []
+    """40 steps with the kNN probe before training and after the last step."""
+    extra = ["eval.every=40", f"eval.images={data / 'labelled'}", "eval.k=10"]
     out = tmp_path_factory.mktemp("short")
     return out, pretrain(_recipe(data, out / "run", *LIGHT, *extra), log=None)
 
 
 def test_knn_probe_beats_the_random_initialisation(short_run):
     out, result = short_run
-    if not result["evaluations"]:
-        pytest.skip("histoscope.eval.knn_probe arrives with the eval-protocols branch")
     first, last = result["evaluations"][0], result["evaluations"][-1]
     assert first["steps_done"] == 0 and last["steps_done"] == 40
     assert last["knn_acc"] >= first["knn_acc"] + 0.1, result["evaluations"]
