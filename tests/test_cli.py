@@ -13,6 +13,7 @@ from histoscope.cli.main import app
 from histoscope.encoders import get_tile_encoder_spec, list_tile_encoders
 from histoscope.io.features_h5 import read_features
 from histoscope.io.sample import make_sample_slide
+from histoscope.language.align import get_align_model_spec, list_align_models
 from histoscope.slide import get_slide_model_spec, list_slide_models
 from histoscope.tiling import read_patches
 
@@ -41,14 +42,22 @@ def test_quick_commands_never_import_torch(args, svs_slide):
 def test_models_lists_every_registered_model():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0, result.output
-    rows = {line.split()[0]: line for line in result.output.splitlines() if line.startswith("  ") and line.split()}
+    sections: dict[str, dict[str, str]] = {}  # one table per model kind (a name may be in two: conch)
+    for line in result.output.splitlines():
+        if line and not line.startswith(" "):
+            rows = sections.setdefault(line.split(" (")[0], {})
+        elif line.split():
+            rows[line.split()[0]] = line
     for name in list_tile_encoders():
         spec = get_tile_encoder_spec(name)
-        assert rows[name].split()[1] == str(spec.embed_dim)
-        assert (spec.hf_repo or "file only (--weights)") in rows[name] and spec.license in rows[name]
-        assert f"{spec.native_mpp:g}" in rows[name]
+        row = sections["Tile encoders"][name]
+        assert row.split()[1] == str(spec.embed_dim)
+        assert (spec.hf_repo or "file only (--weights)") in row and spec.license in row
+        assert f"{spec.native_mpp:g}" in row
     for name in list_slide_models():
-        assert rows[name].split(None, 1)[1] == get_slide_model_spec(name).description
+        assert sections["Slide models"][name].split(None, 1)[1] == get_slide_model_spec(name).description
+    for name in list_align_models():
+        assert sections["Image–text models"][name].split(None, 1)[1] == get_align_model_spec(name).description
     slide_only = runner.invoke(app, ["models", "--kind", "slide"])
     assert slide_only.exit_code == 0
     assert "Tile encoders" not in slide_only.output and "Slide models" in slide_only.output

@@ -2,15 +2,15 @@
 
 The top-level names are the entry points users script against; each stage also has
 its own subpackage (``histoscope.io``, ``.tissue``, ``.tiling``, ``.encoders``,
-``.slide``, ``.pipeline``).
+``.slide``, ``.language``, ``.pipeline``).
 """
 
 from histoscope.io import MissingMppError, Slide, SlideError, open_slide
 
 __version__ = "0.1.0"
 
-__all__ = ["MissingMppError", "Slide", "SlideError", "embed_slide", "load_slide_model", "load_tile_encoder",
-           "open_slide", "__version__"]
+__all__ = ["MissingMppError", "Slide", "SlideError", "embed_slide", "load_report_model", "load_slide_model",
+           "load_tile_encoder", "open_slide", "__version__"]
 
 
 def load_tile_encoder(name, *, weights=None, **kwargs):
@@ -27,6 +27,14 @@ def load_slide_model(name, *, weights=None, **kwargs):
     from histoscope.slide import load_slide_model as _load
 
     return _load(name, weights=weights, **kwargs)
+
+
+def load_report_model(name, *, weights=None, lm_config=None, resampler_config=None, **arch):
+    """Build a registered report model, e.g. HistoGPT, and load its weights strictly (see
+    :func:`histoscope.language.load_report_model`); imported lazily (transformers)."""
+    from histoscope.language import load_report_model as _load
+
+    return _load(name, weights=weights, lm_config=lm_config, resampler_config=resampler_config, **arch)
 
 
 def embed_slide(slide, encoder, **kwargs):

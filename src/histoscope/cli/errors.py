@@ -64,8 +64,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from histoscope.io.errors import SlideError
     from histoscope.slide.registry import SlideWeightsError
 
-    return (ValueError, KeyError, UnknownTileEncoderError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError, SlideError, WeightsError, SlideWeightsError)
+    # OSError: a file that cannot be read or written (missing, a folder, no permission, disk full).
+    return (ValueError, KeyError, UnknownTileEncoderError, OSError, SlideError, WeightsError, SlideWeightsError)
 
 
 def user_message(error: BaseException) -> str | None:

@@ -207,7 +207,8 @@ def run(
 
 @app.command()
 def models(
-    kind: Annotated[str, typer.Option(callback=one_of("tile", "slide", "all"), help="tile, slide or all.")] = "all",
+    kind: Annotated[str, typer.Option(callback=one_of("tile", "slide", "align", "all"),
+                                      help="tile, slide, align or all.")] = "all",
 ) -> None:
     """List registered models with their embedding size, preprocessing and weight source."""
     if kind in ("tile", "all"):
@@ -228,6 +229,12 @@ def models(
         typer.echo("Slide models (histoscope train model=NAME)")
         for name in list_slide_models():
             typer.echo(f"  {name:16} {get_slide_model_spec(name).description}")
+    if kind in ("align", "all"):
+        from histoscope.language.align import get_align_model_spec, list_align_models
+
+        typer.echo("Image–text models (histoscope train-align model=NAME)")
+        for name in list_align_models():
+            typer.echo(f"  {name:16} {get_align_model_spec(name).description}")
 
 
 @app.command()
@@ -260,9 +267,12 @@ def demo(
 
 
 def _register_stage_commands() -> None:
-    from histoscope.cli.slide_cmds import register
+    from histoscope.cli import align_cmds, eval_cmds, pretrain_cmds, slide_cmds
 
-    register(app)
+    slide_cmds.register(app)
+    eval_cmds.register(app)
+    align_cmds.register(app)
+    pretrain_cmds.register(app)
 
 
 _register_stage_commands()

@@ -1,10 +1,14 @@
-"""Published checkpoint key layouts -> the key names of the modules our builders return.
+"""Published checkpoint key layouts <-> the key names of the modules our builders return.
 
 One converter per ``TileEncoderSpec.checkpoint_format``. A converter renames, fuses
 or drops the keys of its layout and returns ``(state_dict, foreign)``: ``foreign``
 lists keys that do not belong to the layout at all (reported as unexpected), so a
 file in another layout fails loudly even when the architectures coincide (UNI and
 Phikon-v2 are both ViT-L/16 with LayerScale).
+
+:func:`export_checkpoint` goes the other way for the layouts a trained model can be
+written in (``timm``, ``hf_vit``, ``hf_dinov2``, ``conch``), so a model pretrained
+here loads through the same strict path as the authors' files.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from torch import nn
 
-__all__ = ["CONVERTERS", "convert_checkpoint"]
+__all__ = ["CONVERTERS", "EXPORTERS", "convert_checkpoint", "export_checkpoint"]
 
 StateDict = dict[str, torch.Tensor]
 Converted = tuple[StateDict, list[str]]  # (converted state dict, keys foreign to the layout)
@@ -131,3 +135,62 @@ def convert_checkpoint(checkpoint_format: str, state_dict: StateDict, model: nn.
     Returns the converted state dict and the keys that are foreign to that layout.
     """
     return CONVERTERS[checkpoint_format](state_dict, model)
+
+
+# timm VisionTransformer -> HF ViTModel / Dinov2Model: the inverse of the renames above
+_TO_HF_SHARED = (
+    (r"^cls_token$", "embeddings.cls_token"),
+    (r"^pos_embed$", "embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^norm\.", "layernorm."),
+)
+_TO_HF_VIT = _TO_HF_SHARED + (
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+)
+_TO_HF_DINOV2 = _TO_HF_SHARED + (
+    (r"^blocks\.(\d+)\.norm([12])\.", r"encoder.layer.\1.norm\2."),
+    (r"^blocks\.(\d+)\.ls([12])\.gamma$", r"encoder.layer.\1.layer_scale\2.lambda1"),
+    (r"^blocks\.(\d+)\.mlp\.fc([12])\.", r"encoder.layer.\1.mlp.fc\2."),
+)
+_TIMM_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
+
+
+def _to_hf(sd: StateDict, renames) -> StateDict:
+    out: StateDict = {}
+    for key, value in sd.items():
+        if m := _TIMM_QKV.match(key):
+            for name, part in zip(("query", "key", "value"), value.chunk(3)):
+                out[f"encoder.layer.{m[1]}.attention.attention.{name}.{m[2]}"] = part.contiguous()
+            continue
+        for pattern, repl in renames:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            raise ValueError(f"{key!r} has no place in the Hugging Face layout")
+    return out
+
+
+EXPORTERS: dict[str, Callable[[StateDict], StateDict]] = {
+    "timm": dict,
+    "hf_vit": lambda sd: _to_hf(sd, _TO_HF_VIT),
+    "hf_dinov2": lambda sd: _to_hf(sd, _TO_HF_DINOV2),
+    "conch": lambda sd: {f"visual.{k}": v for k, v in sd.items()},
+}
+
+
+def export_checkpoint(checkpoint_format: str, state_dict: StateDict) -> StateDict:
+    """``state_dict`` of one of our encoder modules, renamed to the published ``checkpoint_format``.
+
+    ``convert_checkpoint(checkpoint_format, export_checkpoint(checkpoint_format, sd), model)``
+    gives ``sd`` back.
+    """
+    if checkpoint_format not in EXPORTERS:
+        raise ValueError(f"cannot write checkpoints in the {checkpoint_format!r} layout; "
+                         f"writable layouts: {', '.join(EXPORTERS)}")
+    return EXPORTERS[checkpoint_format](state_dict)

@@ -1,4 +1,4 @@
-"""ROC, Kaplan–Meier and regression plots as PNG files.
+"""ROC, Kaplan–Meier, regression, confusion-matrix and few-shot plots as PNG files.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing here
 opens a window or changes the process-wide backend.
@@ -6,14 +6,15 @@ opens a window or changes the process-wide backend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from histoscope.eval.metrics import concordance_index, kaplan_meier, logrank_test, roc_auc
 
-__all__ = ["roc_points", "plot_roc", "plot_kaplan_meier", "plot_regression"]
+__all__ = ["roc_points", "plot_roc", "plot_kaplan_meier", "plot_regression", "plot_confusion",
+           "plot_fewshot_curves"]
 
 
 def roc_points(positive, score) -> tuple[np.ndarray, np.ndarray]:
@@ -102,4 +103,48 @@ def plot_regression(y_true, y_pred, path: str | Path, *, title: str = "Predicted
     low, high = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
     axes.plot([low, high], [low, high], color="0.7", linestyle="--", linewidth=1)
     axes.set(xlabel="True", ylabel="Predicted", title=title)
+    return _save(figure, path)
+
+
+def plot_confusion(confusion, class_names: Sequence[str], path: str | Path, *, title: str = "Confusion matrix") -> Path:
+    """Row-normalised confusion matrix (true class per row) annotated with the counts."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    figure = _figure((size, size))
+    axes = figure.add_subplot()
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(confusion):
+        axes.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                  color="white" if rates[i, j] > 0.5 else "black")
+    ticks = np.arange(len(class_names))
+    axes.set_xticks(ticks, labels=list(class_names), rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(ticks, labels=list(class_names), fontsize=8)
+    axes.set(xlabel="Predicted", ylabel="True", title=title)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
+    return _save(figure, path)
+
+
+def plot_fewshot_curves(curves: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]], path: str | Path, *,
+                        metric: str = "bacc", title: str = "Few-shot (SimpleShot episodes)") -> Path:
+    """``metric`` (mean ± std over episodes) against shots per class, one line per encoder.
+
+    ``curves``: encoder -> {shots (str or int): {metric: {"mean", "std"}}}.
+    """
+    figure = _figure((6, 4.5))
+    axes = figure.add_subplot()
+    ticks: set[int] = set()
+    for name, by_shots in curves.items():
+        shots = sorted(by_shots, key=int)
+        x = np.array([int(s) for s in shots])
+        mean = np.array([by_shots[s][metric]["mean"] for s in shots], dtype=np.float64)
+        std = np.nan_to_num(np.array([by_shots[s][metric]["std"] for s in shots], dtype=np.float64))
+        axes.plot(x, mean, marker="o", label=name)
+        axes.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ticks.update(x.tolist())
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sorted(ticks), labels=[str(t) for t in sorted(ticks)])
+    axes.minorticks_off()
+    axes.set(xlabel="shots per class", ylabel=metric, title=title)
+    axes.legend(loc="lower right", fontsize=8)
     return _save(figure, path)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json", "write_image", "remove_stale_partials", "PARTIAL"]
+__all__ = ["atomic_path", "json_safe", "write_json", "write_image", "remove_stale_partials", "PARTIAL"]
 
 # Marker in temporary names, followed by the writer's PID: two processes writing one
 # target never share a temporary file. Leftovers of killed runs are removed by
@@ -49,6 +49,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities → null, numpy scalars → Python numbers, tuples → lists: strict JSON."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and not hasattr(value, "__len__"):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -9,11 +9,13 @@ an empty or truncated file, a file that is no checkpoint at all, pickled Python
 objects that cannot be loaded safely, or a checkpoint of another kind than the
 caller needs (``kind=``).
 
-Kinds: histoscope writes two files of its own, and everything else is weights:
+Kinds: histoscope writes three files of its own, and everything else is weights:
 
 - ``"trained"``: a model trained by ``histoscope train`` (``fold_k/checkpoint.pt``,
   marked by its ``histoscope_model`` key);
 - ``"train_state"``: the resumable state of an unfinished fold (``fold_k/train_state.pt``);
+- ``"align"``: an image–text model trained by ``histoscope train-align`` (``OUT/model.pt``,
+  marked by its ``histoscope_align_model`` key);
 - ``"weights"``: a state dict, bare or wrapped (``{"model": …}``, DINO's
   ``{"teacher": …}``), as published or as another code base saved it.
 """
@@ -35,6 +37,7 @@ __all__ = ["CheckpointError", "read_checkpoint", "checkpoint_kind", "compare_sta
 KINDS = {
     "trained": "a model trained by histoscope train (fold_k/checkpoint.pt)",
     "train_state": "the training state of an unfinished fold (fold_k/train_state.pt)",
+    "align": "an image–text model trained by histoscope train-align (OUT/model.pt)",
     "weights": "model weights (a state dict)",
 }
 _ZIP = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
@@ -56,6 +59,8 @@ def checkpoint_kind(obj: Any) -> str:
     if isinstance(obj, Mapping):
         if "histoscope_model" in obj:
             return "trained"
+        if "histoscope_align_model" in obj:
+            return "align"
         if {"model", "optimizer", "scheduler", "early"} <= set(obj):
             return "train_state"
     return "weights"
@@ -152,6 +157,7 @@ def _check_kind(path: Path, obj: Any, accepted: tuple[str, ...]) -> None:
     fixes = {
         "trained": "pass a fold_k/checkpoint.pt written by histoscope train",
         "train_state": "pass a fold's train_state.pt",
+        "align": "pass the model.pt of a histoscope train-align run",
         "weights": "pass a weights file (a state dict)",
     }
     fix = "; or ".join(fixes[k] for k in accepted)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SampleSlide", "make_sample_slide", "split_jpeg_tables", "sample_texture", "SVS_ASSOCIATED"]
+__all__ = ["SampleSlide", "make_sample_slide", "make_sample_tiles", "split_jpeg_tables", "sample_texture",
+           "SVS_ASSOCIATED"]
 
 MASK_MPP = 8.0  # µm/px of the ground-truth mask
 SVS_ASSOCIATED = ("thumbnail", "label", "macro")  # the images an Aperio file keeps beside its pyramid
@@ -381,3 +382,45 @@ def _write_ome(tmp, painter, downsamples, tile, quality, mpp) -> None:
         tif.write(levels[0], subifds=len(levels) - 1, metadata=metadata, **options)
         for level in levels[1:]:
             tif.write(level, subfiletype=1, **options)
+
+
+def make_sample_tiles(root: str | Path, *, per_class: int = 12, size: int = 128, seed: int = 0) -> dict[str, int]:
+    """A labelled tile set ``ROOT/<class>/*.png`` cut from sample slides, for evaluating encoders.
+
+    Three visually distinct classes: ``he`` (H&E tissue), ``ihc`` (IHC tissue) and
+    ``glass`` (background), ``per_class`` tiles of ``size`` px each, read at level 0
+    from where the slides' ground-truth mask is all tissue (or all glass). Returns
+    ``{class: tiles written}``.
+    """
+    import tempfile
+
+    from PIL import Image
+
+    from histoscope.io.atomic import atomic_path
+    from histoscope.io.open import open_slide
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = {}
+    scratch = tempfile.TemporaryDirectory(prefix="histoscope_tiles_")
+    for stain in ("he", "ihc"):
+        sample = make_sample_slide(Path(scratch.name) / f"{stain}.tiff", width=2048, height=2048, mpp=0.25,
+                                   kind="tiff", stain=stain, tissue_fraction=0.5, seed=seed + (stain == "ihc"))
+        cell = sample.mask_mpp / sample.mpp  # level-0 px per mask pixel
+        span = int(np.ceil(size / cell))  # mask pixels a tile covers
+        mask = sample.tissue_mask
+        for label, wanted in ((stain, True), ("glass", False)):
+            if label == "glass" and stain != "he":
+                continue
+            corners = [(y, x) for y in range(mask.shape[0] - span) for x in range(mask.shape[1] - span)
+                       if (mask[y : y + span + 1, x : x + span + 1] == wanted).all()]
+            picked = rng.permutation(len(corners))[:per_class]
+            with open_slide(sample.path) as slide:
+                for i, c in enumerate(picked):
+                    y, x = corners[c]
+                    tile = slide.read_region((int(x * cell), int(y * cell)), 0, (size, size))
+                    with atomic_path(root / label / f"{label}_{i:03d}.png") as tmp:
+                        Image.fromarray(tile).save(tmp, format="png")
+            counts[label] = len(picked)
+    scratch.cleanup()
+    return counts

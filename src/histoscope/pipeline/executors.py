@@ -12,12 +12,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import multiprocessing as mp
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
-from histoscope.utils.processes import die_with
+from histoscope.utils.processes import die_with_parent
 
 __all__ = ["Executor", "LocalExecutor", "WorkerCrashed", "get_executor"]
 
@@ -62,7 +61,7 @@ class LocalExecutor:
     def _pool(self, workers: int) -> cf.ProcessPoolExecutor:
         # Workers end with this process however it ends, even by SIGKILL (utils/processes.py).
         return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(self.start_method),
-                                      initializer=die_with, initargs=(os.getpid(),))
+                                      initializer=die_with_parent)
 
     def _map_pool(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[tuple[int, Any]]:
         suspects: list[int] = []

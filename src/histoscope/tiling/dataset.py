@@ -9,8 +9,6 @@ the loader, so one bad slide never stops a batch.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
-from histoscope.utils.processes import die_with
+from histoscope.utils.processes import die_with_parent
 
-__all__ = ["TileSource", "TileStream", "tile_loader"]
+__all__ = ["TileSource", "TileStream", "single_threaded_worker", "tile_loader", "worker_context"]
 
 
 @dataclass(frozen=True)
@@ -95,13 +93,12 @@ def tile_loader(sources: Sequence[TileSource], *, chunk_size: int = 64, num_work
     stream = TileStream(sources, chunk_size=chunk_size, transform=transform)
     options: dict[str, Any] = {}
     if num_workers > 0:
-        options = {"prefetch_factor": prefetch, "persistent_workers": False,
-                   "worker_init_fn": functools.partial(_init_worker, os.getpid()),
-                   "multiprocessing_context": _worker_context()}
+        options = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": single_threaded_worker,
+                   "multiprocessing_context": worker_context()}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, **options)
 
 
-def _worker_context():
+def worker_context():
     """Workers fork from a clean server process, never from this one: forking a process
     whose OpenCV/OpenMP thread pools have run can deadlock the child, while the server
     has only imported the decoding stack (so workers still start in milliseconds)."""
@@ -114,17 +111,13 @@ def _worker_context():
     return context
 
 
-def _init_worker(run_pid: int, worker_id: int) -> None:
-    """Each decoding worker runs on one core and ends with the run that started it: its
-    parent is the forkserver, which would otherwise keep it (and itself) alive after the
-    run is killed."""
-    die_with(run_pid)
-    _single_threaded(worker_id)
-
-
-def _single_threaded(_worker_id: int) -> None:
+def single_threaded_worker(_worker_id: int) -> None:
     """Keep each decoding worker on one core: OpenCV otherwise starts a thread pool
-    per worker that fights the model's threads for the same cores."""
+    per worker that fights the model's threads for the same cores. And end it with the
+    run that started it: its parent is the forkserver, which would otherwise keep it
+    (and itself) alive after the run is killed."""
     import cv2
+
+    die_with_parent()
 
     cv2.setNumThreads(1)

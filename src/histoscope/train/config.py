@@ -9,21 +9,17 @@ have is an error that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "SurvivalConfig", "ConfigError", "load_recipe", "apply_overrides"]
+from histoscope.utils.recipe import ConfigError, apply_overrides, build_config, read_recipe, record_recipe
+
+__all__ = ["TrainConfig", "SurvivalConfig", "ConfigError", "load_recipe", "apply_overrides", "build_config",
+           "read_recipe", "record_recipe"]
 
 TASKS = ("classification", "regression", "survival")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    """A recipe has an unknown key, a value of the wrong type or an invalid setting."""
 
 
 @dataclass
@@ -108,118 +104,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data, prefix="")
+        return build_config(cls, data)
 
 
 def _get(config: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         config = getattr(config, part)
     return config
-
-
-def _valid_keys(cls, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys += _valid_keys(hint, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _unknown_key(key: str, prefix: str) -> ConfigError:
-    valid = _valid_keys(TrainConfig)
-    close = difflib.get_close_matches(prefix + key, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown recipe key {prefix + key!r}{hint}; valid keys: {', '.join(valid)}")
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a field's annotation, converting only where it is lossless."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and not isinstance(value, bool):
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        if option is str and isinstance(value, (str, Path)):
-            return str(value)
-        if option is dict and isinstance(value, dict):
-            return dict(value)
-    names = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
-    raise ConfigError(f"recipe key {name!r} must be {names}, got {value!r}")
-
-
-def _build(cls, data: dict[str, Any], prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in data.items():
-        if key not in known:
-            raise _unknown_key(str(key), prefix)
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value or {}, f"{prefix}{key}.")
-        else:
-            values[key] = _coerce(prefix + key, value, hint)
-    return cls(**values)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``data`` with each ``dotted.key=value`` set (value parsed as a YAML scalar)."""
-    import yaml
-
-    data = _deep_copy(data)
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {override!r} is not key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"override {override!r}: the value is not valid YAML; quote it, e.g. "
-                              f"{key.strip()}='\"{text}\"'") from None
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
-
-
-def _read_yaml(path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text (byte at offset {error.start}); save the recipe as UTF-8") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}; fix the recipe (a mapping of key: value "
-                          "lines)") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -229,12 +120,4 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     --------
     >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such recipe file")
-        data = _read_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a YAML mapping of keys to values")
-    return TrainConfig.from_dict(apply_overrides(data, list(overrides or []))).validate()
+    return TrainConfig.from_dict(read_recipe(path, overrides)).validate()

@@ -31,7 +31,8 @@ from histoscope.train.optim import param_groups
 from histoscope.train.tasks import Task
 from histoscope.utils.device import autocast
 
-__all__ = ["EarlyStopping", "FitResult", "fit", "predict_bags", "warmup_cosine", "derived_seed"]
+__all__ = ["AdamWSchedule", "EarlyStopping", "FitResult", "fit", "predict_bags", "warmup_cosine", "derived_seed",
+           "resume_fit", "save_fit_state"]
 
 
 def derived_seed(*parts: int) -> int:
@@ -108,9 +109,10 @@ def _validate(model, task: Task, dataset, indices, samples: list[Sample], target
 
 
 @dataclass
-class _Optimizer:
-    """AdamW over the trainable parameters (layer-wise lr decay if asked), its warm-up + cosine
-    schedule (stepped per optimizer step) and the fp16 loss scaler."""
+class AdamWSchedule:
+    """AdamW over parameter groups, its warm-up + cosine schedule (stepped per optimizer
+    step; ``config`` gives ``lr``, ``epochs``, ``warmup_epochs``, ``min_lr_ratio``) and the
+    fp16 loss scaler, saved and restored together."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -118,15 +120,21 @@ class _Optimizer:
 
     @classmethod
     def create(cls, model: SlideModel, config, *, steps_per_epoch: int, device: torch.device,
-               dtype: torch.dtype) -> _Optimizer:
-        optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
-                                                   layer_decay=config.layer_decay))
+               dtype: torch.dtype) -> AdamWSchedule:
+        """For a slide model: every trainable parameter, layer-wise lr decay if the recipe asks."""
+        groups = param_groups(model, lr=config.lr, weight_decay=config.weight_decay, layer_decay=config.layer_decay)
+        return cls.from_groups(groups, config, steps_per_epoch=steps_per_epoch, device=device, dtype=dtype)
+
+    @classmethod
+    def from_groups(cls, groups: list[dict], config, *, steps_per_epoch: int, device: torch.device,
+                    dtype: torch.dtype) -> AdamWSchedule:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-            total_steps=config.epochs * steps_per_epoch, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-            min_ratio=config.min_lr_ratio))
+            total_steps=max(1, config.epochs * steps_per_epoch),
+            warmup_steps=round(config.warmup_epochs * steps_per_epoch), min_ratio=config.min_lr_ratio))
         return cls(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
-    def step(self, model: SlideModel, grad_clip: float | None) -> None:
+    def step(self, model: torch.nn.Module, grad_clip: float | None) -> None:
         if grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -145,7 +153,7 @@ class _Optimizer:
 
 
 def _train_epoch(model: SlideModel, task: Task, dataset: BagDataset, train_indices: Sequence[int], targets: Tensor,
-                 weights: np.ndarray | None, opt: _Optimizer, config, *, seed: tuple[int, int, int],
+                 weights: np.ndarray | None, opt: AdamWSchedule, config, *, seed: tuple[int, int, int],
                  device: torch.device, dtype: torch.dtype) -> float:
     """One epoch over the training slides in the order ``seed`` draws; returns the mean loss."""
     model.train()
@@ -201,21 +209,13 @@ def fit(
     weights = task.sample_weights(train_samples) if config.balanced_sampling else None
 
     batches_per_epoch = math.ceil(len(train_indices) / config.batch_size)
-    opt = _Optimizer.create(model, config, steps_per_epoch=math.ceil(batches_per_epoch / config.accumulate),
+    opt = AdamWSchedule.create(model, config, steps_per_epoch=math.ceil(batches_per_epoch / config.accumulate),
                             device=device, dtype=dtype)
     monitor = config.monitor if val_samples else "none"
     early = EarlyStopping(config.patience, lower_is_better=monitor in LOWER_IS_BETTER)
-    history: list[dict[str, float]] = []
-    best_state = _copy_state(model)
-    first_epoch = 0
-
-    state = load_state(state_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state)
-        early = EarlyStopping(**state["early"])
-        history, best_state, first_epoch = state["history"], state["best_state"], state["epoch"] + 1
-        log(f"fold {fold_name}: resuming after epoch {state['epoch']}")
+    early, history, best_state, first_epoch = resume_fit(state_path, model, opt, early)
+    if first_epoch:
+        log(f"fold {fold_name}: resuming after epoch {first_epoch - 1}")
 
     for epoch in range(first_epoch, config.epochs):
         if early.stopped:
@@ -241,12 +241,31 @@ def fit(
         log(f"fold {fold_name} epoch {epoch + 1}/{config.epochs} " +
             " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) +
             (" *" if improved else ""))
-        save_state(state_path, {"epoch": epoch, "model": model.state_dict(), **opt.state_dict(),
-                                "early": asdict(early), "history": history, "best_state": best_state})
+        save_fit_state(state_path, epoch=epoch, model=model, opt=opt, early=early, history=history,
+                       best_state=best_state)
         if on_epoch_end is not None:
             on_epoch_end(fold=fold_name, epoch=epoch, record=record)
     return FitResult(best_state=best_state, best_epoch=early.best_epoch, history=history)
 
 
-def _copy_state(model: SlideModel) -> dict[str, Tensor]:
+def resume_fit(state_path: Path, model: torch.nn.Module, opt: AdamWSchedule, early: EarlyStopping
+               ) -> tuple[EarlyStopping, list[dict[str, float]], dict[str, Tensor], int]:
+    """``(early stopping, history, best state, first epoch)`` to continue from: those saved in
+    ``state_path`` (loading the model and optimizer from it too), or a fresh start."""
+    state = load_state(state_path)
+    if state is None:
+        return early, [], _copy_state(model), 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state)
+    return EarlyStopping(**state["early"]), state["history"], state["best_state"], state["epoch"] + 1
+
+
+def save_fit_state(state_path: Path, *, epoch: int, model: torch.nn.Module, opt: AdamWSchedule,
+                   early: EarlyStopping, history: list[dict[str, float]], best_state: dict[str, Tensor]) -> None:
+    """What :func:`resume_fit` needs to continue after ``epoch``, written atomically."""
+    save_state(state_path, {"epoch": epoch, "model": model.state_dict(), **opt.state_dict(), "early": asdict(early),
+                            "history": history, "best_state": best_state})
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

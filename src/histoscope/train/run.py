@@ -27,14 +27,14 @@ import torch
 
 from histoscope.eval.plots import plot_kaplan_meier, plot_regression, plot_roc
 from histoscope.eval.report import evaluate, results_markdown, summarise
-from histoscope.io.atomic import atomic_path, write_json
+from histoscope.io.atomic import atomic_path, json_safe, write_json
 from histoscope.io.columns import read_columns, write_columns
 from histoscope.io.features_h5 import check_features, features_path
 from histoscope.io.outdir import output_folder
 from histoscope.slide import get_slide_model_spec, load_slide_model
 from histoscope.slide.trained import save_trained_model
 from histoscope.train.checkpoint import resolved_arch
-from histoscope.train.config import ConfigError, TrainConfig
+from histoscope.train.config import TrainConfig, record_recipe
 from histoscope.train.data import BagDataset, FeatureCache, features_geometry, read_table
 from histoscope.train.loop import derived_seed, fit, predict_bags
 from histoscope.train.optim import freeze_encoder
@@ -59,22 +59,11 @@ def results_path(out_dir: str | Path, suffix: str = ".md") -> Path:
 
 
 def _check_config(out: Path, config: TrainConfig, overwrite: bool) -> None:
-    import yaml
-
-    path = out / "config.yaml"
-    if path.exists() and not overwrite and any(out.glob("fold_*")):  # earlier work this run would build on
-        previous = yaml.safe_load(path.read_text()) or {}
-        current = config.to_dict()
-        changed = sorted(k for k in set(previous) | set(current)
-                         if k not in _RESUME_FREE and previous.get(k) != current.get(k))
-        if changed:
-            raise ConfigError(f"{out} holds a run with a different recipe (differs in {', '.join(changed)}); "
-                              "use another out_dir, or --overwrite to start afresh")
+    resume = not overwrite and any(out.glob("fold_*"))  # earlier work this run would build on
     if overwrite:
         for child in out.glob("fold_*"):
             shutil.rmtree(child)
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    record_recipe(out, config, resume=resume, resume_free=_RESUME_FREE)
 
 
 def _plots(out: Path, task: Task, columns: dict[str, Any], arrays: tuple) -> list[str]:
@@ -214,18 +203,7 @@ def _summarise(out: Path, config: TrainConfig, task: Task, fold_results: list[di
     if task.kind == "classification":
         results["class_names"] = task.class_names
     results["plots"] = _plots(out, task, pooled_columns, arrays)
-    write_json(results_path(out, ".json"), _json_safe(results))
+    write_json(results_path(out, ".json"), json_safe(results))
     with atomic_path(results_path(out)) as tmp:
         tmp.write_text(results_markdown(results, title=f"{config.model} · {config.task}"))
     return results
-
-
-def _json_safe(value):
-    """NaN → null, so results.json is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value

@@ -5,7 +5,8 @@ code, and its workers would live on: pool workers wait for work that never comes
 and DataLoader workers keep their forkserver alive, which keeps them alive in turn,
 with the resource tracker waiting on all of them. So each worker calls
 :func:`die_with` on the run's PID when it starts, and ends itself the moment that
-process ends, whoever its own parent is (a forkserver's children are not the run's).
+process ends, whoever its own parent is (a forkserver's children are not the run's):
+:func:`die_with_parent` finds that PID in a multiprocessing worker.
 
 On Linux the worker waits on a pidfd of the run (an event, not a poll). The kernel's
 parent-death signal (``prctl(PR_SET_PDEATHSIG)``) would not do: it follows the
@@ -21,7 +22,7 @@ import signal
 import threading
 import time
 
-__all__ = ["die_with"]
+__all__ = ["die_with", "die_with_parent"]
 
 _POLL_SECONDS = 1.0  # where there is no pidfd (macOS): how often the run's PID is checked
 
@@ -67,3 +68,13 @@ def die_with(pid: int) -> None:
         _end_self()
 
     threading.Thread(target=wait, name=f"die-with-{pid}", daemon=True).start()
+
+
+def die_with_parent() -> None:
+    """:func:`die_with` the process that started this multiprocessing worker: the run
+    itself, also for workers a forkserver forked for it. Nothing outside a worker."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        die_with(parent.pid)
