@@ -79,15 +79,3 @@ def tiff_slide(slides_dir):
 def ome_slide(slides_dir):
     return make_sample_slide(slides_dir / "pyramid.ome.tiff", width=2048, height=1536, mpp=0.5, kind="ome",
                              downsamples=(1, 2), seed=3)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: thread hand-offs cost more than the maths.
-    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

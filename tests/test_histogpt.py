@@ -24,7 +24,7 @@ TINY_LM = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_att
 TINY_RESAMPLER = {"dim_feats": 16, "dim_model": 24, "dim_head": 8, "num_heads": 2, "num_layers": 2, "num_latents": 6}
 EOS = 2  # BioGPT's </s>, where the reference's generate() stops
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------
