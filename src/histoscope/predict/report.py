@@ -87,8 +87,6 @@ def collect_features(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
 
 
 def _from_csv(path: Path) -> list[tuple[str, Path]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such CSV file")
     reader = csv_reader(path)
     columns = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = columns

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histoscope.io.columns import csv_reader
+from histoscope.io.columns import table_reader
 from histoscope.language.histogpt import IGNORE_INDEX
 from histoscope.train.splits import holdout_patients
 
@@ -44,14 +44,7 @@ def read_reports(path: str | Path, *, label_column: str = "label") -> list[Repor
     empty reports are errors naming the row.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such report table")
-    reader = csv_reader(path)
-    columns = [c.strip() for c in reader.fieldnames or []]
-    reader.fieldnames = columns
-    missing = [c for c in ("slide_id", "report") if c not in columns]
-    if missing:
-        raise ValueError(f"{path}: a report table needs columns slide_id and report; missing {missing} (has {columns})")
+    reader = table_reader(path, required=("slide_id", "report"), what="report table")
     slides: dict[str, dict] = {}
     for row_number, row in enumerate(reader, start=2):
         where = f"{path}:{row_number}"

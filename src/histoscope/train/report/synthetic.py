@@ -33,13 +33,17 @@ class SyntheticReports:
 
 def make_report_cohort(root: str | Path, *, slides: int = 300, dim: int = 16, tiles: tuple[int, int] = (24, 40),
                        key_fraction: float = 0.3, shift: float = 2.5, paraphrases: int = 2,
-                       seed: int = 0) -> SyntheticReports:
+                       label: str = "diagnosis", seed: int = 0) -> SyntheticReports:
     """Write ``slides`` features files and a report table with ``paraphrases`` rows per slide.
 
     Diagnoses cycle through :data:`DIAGNOSES` and margins are drawn independently; in a
     slide, ``key_fraction`` of the tiles carry the diagnosis's shift and as many (others)
-    the margin status's, each ``shift`` σ along its own unit direction.
+    the margin status's, each ``shift`` σ along its own unit direction. The ``label``
+    column (stage 1's target) is the ``"diagnosis"``, or both ``"findings"``
+    (``"basal cell carcinoma, margins free"``).
     """
+    if label not in ("diagnosis", "findings"):
+        raise ValueError(f"label must be diagnosis or findings, got {label!r}")
     root = Path(root)
     rng = np.random.default_rng(seed)
     directions = np.linalg.qr(rng.normal(size=(dim, dim)))[0][: len(DIAGNOSES) + len(MARGINS)]  # orthonormal rows
@@ -59,7 +63,7 @@ def make_report_cohort(root: str | Path, *, slides: int = 300, dim: int = 16, ti
         truth[slide_id] = (d, m)
         for j in rng.permutation(len(_PHRASINGS))[:paraphrases]:
             table.append({"slide_id": slide_id, "report": _PHRASINGS[j].format(D=d.capitalize(), d=d, m=m),
-                          "label": d, "patient_id": f"patient_{i:03d}"})
+                          "label": d if label == "diagnosis" else f"{d}, margins {m}", "patient_id": f"patient_{i:03d}"})
     _, features_dir = _write_cohort(root, rows, bags, columns=8)
     path = root / "reports.csv"
     with open(path, "w", newline="") as fh:
