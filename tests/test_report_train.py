@@ -292,3 +292,26 @@ def test_report_metrics_match_hand_computed_values(tmp_path):
     assert "rouge_l" in cli.output and json.loads((tmp_path / "m.json").read_text())["n"] == 2
     if json.loads((tmp_path / "m.json").read_text())["meteor"] is None:  # no WordNet data here: said, not downloaded
         assert "METEOR not computed" in cli.output
+
+
+def test_report_from_published_weights_with_a_local_tokenizer(small, tmp_path):
+    """A checkpoint in the authors' key layout (sizes read off it) plus a tokenizer folder."""
+    from histoscope.language import load_report_model
+
+    tokenizer = train_report_tokenizer([row["report"] for row in _read_csv(small.csv)], vocab_size=150)
+    tokenizer.save_pretrained(tmp_path / "biogpt_tokenizer")
+    torch.manual_seed(0)
+    model = load_report_model("histogpt", lm_config={
+        "vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "intermediate_size": 64, "max_position_embeddings": 40}, resampler_config={
+        "dim_feats": 16, "dim_model": 32, "dim_head": 96, "num_heads": 1, "num_layers": 1, "num_latents": 4})
+    torch.save(model.official_state_dict(), tmp_path / "histogpt-tiny.pth")
+    files = [str(p) for p in sorted(small.features_dir.glob("*.h5"))[:3]]
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", *files, "--model", str(tmp_path / "histogpt-tiny.pth"), "--tokenizer",
+                                 str(tmp_path / "biogpt_tokenizer"), "--out", str(tmp_path / "out"), "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert len(_read_csv(tmp_path / "out" / "reports.csv")) == 3
+    result = runner.invoke(app, ["report", *files, "--model", str(tmp_path / "histogpt-tiny.pth"), "--out",
+                                 str(tmp_path / "out2")])
+    assert result.exit_code == 2 and "pass --tokenizer" in result.output
