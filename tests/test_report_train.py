@@ -315,3 +315,37 @@ def test_report_from_published_weights_with_a_local_tokenizer(small, tmp_path):
     result = runner.invoke(app, ["report", *files, "--model", str(tmp_path / "histogpt-tiny.pth"), "--out",
                                  str(tmp_path / "out2")])
     assert result.exit_code == 2 and "pass --tokenizer" in result.output
+
+
+def test_word_heatmaps_are_attention_over_the_tiles(cohort, trained, tmp_path):
+    run, held_out = trained
+    files = [str(features_path(cohort.features_dir, s)) for s in held_out[:2]]
+    result = CliRunner().invoke(app, ["report", *files, "--model", str(run), "--out", str(tmp_path), "--heatmaps"])
+    assert result.exit_code == 0, result.output
+    for row in _read_csv(tmp_path / "reports.csv"):
+        words = sorted((tmp_path / row["slide_id"] / "words").glob("*.csv"))
+        assert len(words) == len(row["report"].split())  # one map per word
+        assert len(list((tmp_path / row["slide_id"] / "words").glob("*.geojson"))) == len(words)
+        tiles = len(read_features(features_path(cohort.features_dir, row["slide_id"]))[0])
+        for path in words:
+            scores = np.array([float(r["score"]) for r in _read_csv(path)])
+            assert len(scores) == tiles and (scores >= 0).all() and scores.sum() <= 1 + 1e-6
+
+
+def test_token_tile_attention_known_answer():
+    """Queries of zero attend uniformly to the latents: every token's attention over the
+    tiles is then the resampler's last-layer latent→tile attention, averaged."""
+    from histoscope.language import load_report_model
+    from histoscope.language.report_attention import token_tile_attention
+
+    torch.manual_seed(0)
+    model = load_report_model("histogpt_test").eval()
+    with torch.no_grad():
+        for layer in model.fusion_layers:
+            layer.block.attn.to_q.weight.zero_()
+    features = torch.randn(1, 9, 16)
+    _, attention = model.resampler(features, return_attention=True)  # (1, h, L, N + L)
+    expected = attention[0, :, :, :9].mean((0, 1))  # (N,)
+    got = token_tile_attention(model, torch.tensor([[2, 5, 6, 7]]), features)
+    assert got.shape == (4, 9)
+    torch.testing.assert_close(got, expected.expand(4, -1), rtol=0, atol=1e-6)

@@ -58,6 +58,7 @@ def report(
     batch_size: Annotated[int, typer.Option(min=1, help="Slides per generate call.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
     precision: Annotated[str, typer.Option(callback=one_of("auto", "fp32", "bf16", "fp16"), help="fp32, bf16, fp16 or auto.")] = "fp32",
+    heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Also write each word's attention over the tiles (OUT/<slide>/words/: CSV and QuPath GeoJSON).")] = False,
 ) -> None:
     """Write a pathology report for every slide: OUT/reports.csv, reports.json and <slide>.txt."""
     from histoscope.predict.report import DecodeSettings, reports_path, write_reports
@@ -65,7 +66,7 @@ def report(
     settings = DecodeSettings(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
                               top_p=top_p, num_beams=num_beams, seed=seed)
     result = write_reports(features, model=model, out_dir=out, tokenizer=tokenizer, prompt=prompt, settings=settings,
-                           batch_size=batch_size, device=device, precision=precision)
+                           batch_size=batch_size, device=device, precision=precision, heatmaps=heatmaps)
     typer.echo(f"{len(result.reports)} report(s) written; {reports_path(out)}")
     for name, error in result.failed.items():
         typer.secho(f"FAILED {name}: {error}", fg=typer.colors.RED, err=True)

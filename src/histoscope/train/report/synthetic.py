@@ -29,6 +29,7 @@ class SyntheticReports:
     csv: Path  # slide_id, report (one row per paraphrase), label, patient_id
     features_dir: Path
     truth: dict[str, tuple[str, str]]  # slide_id → (diagnosis, margin status)
+    key_tiles: dict[str, tuple[np.ndarray, np.ndarray]]  # slide_id → rows shifted by (diagnosis, margin status)
 
 
 def make_report_cohort(root: str | Path, *, slides: int = 300, dim: int = 16, tiles: tuple[int, int] = (24, 40),
@@ -47,7 +48,7 @@ def make_report_cohort(root: str | Path, *, slides: int = 300, dim: int = 16, ti
     root = Path(root)
     rng = np.random.default_rng(seed)
     directions = np.linalg.qr(rng.normal(size=(dim, dim)))[0][: len(DIAGNOSES) + len(MARGINS)]  # orthonormal rows
-    bags, rows, table, truth = {}, [], [], {}
+    bags, rows, table, truth, key_tiles = {}, [], [], {}, {}
     for i in range(slides):
         slide_id = f"slide_{i:03d}"
         diagnosis, margin = i % len(DIAGNOSES), int(rng.integers(len(MARGINS)))
@@ -58,6 +59,7 @@ def make_report_cohort(root: str | Path, *, slides: int = 300, dim: int = 16, ti
         features[order[:k]] += shift * directions[diagnosis]
         features[order[k:2 * k]] += shift * directions[len(DIAGNOSES) + margin]
         bags[slide_id] = features.astype(np.float32)
+        key_tiles[slide_id] = (np.sort(order[:k]), np.sort(order[k:2 * k]))
         rows.append({"slide_id": slide_id})
         d, m = DIAGNOSES[diagnosis], MARGINS[margin]
         truth[slide_id] = (d, m)
@@ -70,4 +72,4 @@ def make_report_cohort(root: str | Path, *, slides: int = 300, dim: int = 16, ti
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    return SyntheticReports(path, features_dir, truth)
+    return SyntheticReports(path, features_dir, truth, key_tiles)
