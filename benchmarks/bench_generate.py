@@ -22,7 +22,8 @@ Rows, each case in a fresh subprocess:
   train step  one stage-2 training step (teacher-forced loss on ``--report-tokens`` report
               tokens, backward, AdamW) on ``--train-slides`` slides, as published (cross-attention
               blocks and exit gate trained; resampler and BioGPT frozen) vs BioGPT unfrozen;
-              the mean of 3 steps after one warm-up step
+              the mean of 3 steps after one warm-up step; its peak memory is the whole
+              process's (weights, gradients, optimizer state and activations)
 Greedy decoding, ``eos_token_id=None`` (every run writes exactly the asked number of
 tokens); the ids of every pair are compared. Times are the process's CPU seconds on CPU
 (``--threads 1`` makes them the work done, whatever else the machine runs), wall-clock
@@ -179,13 +180,13 @@ def _train_step(model, slides, *, train_lm: bool, args: argparse.Namespace, cloc
     step()  # warm-up: optimizer state allocated
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     with _PeakRSS() as rss:
         start = clock()
         for _ in range(3):
             step()
         seconds = (clock() - start) / 3
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.peak - rss.start
+    # the whole footprint (weights, gradients, optimizer state, activations): what training needs
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"seconds": seconds, "peak": peak, "trained": trained}
 
@@ -254,7 +255,7 @@ def main() -> None:
     frozen, unfrozen = _run("train_frozen", args), _run("train_lm", args)
     print(f"\nstage-2 training step: {min(args.train_slides, args.slides)} slides x {args.tiles} tiles, "
           f"{args.report_tokens} report tokens each, AdamW")
-    header = ("setting", "trained parameters", f"{unit} / step", "vs unfrozen", "peak memory")
+    header = ("setting", "trained parameters", f"{unit} / step", "vs unfrozen", "peak memory (process)")
     table = [header] + [(name, f"{r['trained']:,}", f"{r['seconds']:.2f}", f"{unfrozen['seconds'] / r['seconds']:.2f}x",
                          _mib(r["peak"]))
                         for name, r in (("BioGPT unfrozen (train_lm=true)", unfrozen),
