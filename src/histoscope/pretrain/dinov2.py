@@ -26,9 +26,7 @@ Notation: b images per rank, K prototypes, N patch tokens per global crop, M mas
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +38,8 @@ from histoscope.pretrain.backbone import MaskedViT
 from histoscope.pretrain.heads import DINOHead
 from histoscope.pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from histoscope.pretrain.masking import BlockMaskGenerator, draw_masks
-from histoscope.pretrain.objective import Objective, RunInfo, register_objective, seeded_rng
+from histoscope.pretrain.encoder_objective import EncoderObjective
+from histoscope.pretrain.objective import RunInfo, register_objective, seeded_rng
 from histoscope.pretrain.optim import param_groups
 from histoscope.pretrain.schedules import cosine_schedule
 from histoscope.utils.recipe import ConfigError
@@ -215,18 +214,19 @@ class DINOv2Student(nn.Module):
         return {"local": local_out, "global": global_out, "masked": masked_out, "backbone_cls": glob["cls"]}
 
 
-class DINOv2(Objective):
+class DINOv2(EncoderObjective):
     """Student, EMA teacher, the three losses and their schedules."""
 
     def __init__(self, *, student: DINOv2Student, config: DINOv2Config, info: RunInfo, encoder: str, arch: dict,
-                 spec, optim):
+                 spec, optim, tag: str = "dinov2"):
         super().__init__()
         self.student = student
         self.teacher = copy.deepcopy(student)
         self.teacher.backbone.set_drop_path(0.0)
         self.teacher.requires_grad_(False)
-        self.config, self.info, self.encoder_name, self.arch, self.spec, self.optim = (
-            config, info, encoder, arch, spec, optim)
+        self.config, self.info, self.optim = config, info, optim
+        self._setup_encoder(spec=spec, encoder=encoder, arch=arch, input_size=config.crops.global_crops_size,
+                            tag=tag)
         self.dino_loss = DINOLoss(config.dino.head_n_prototypes)
         self.ibot_patch_loss = iBOTPatchLoss(config.ibot.head_n_prototypes if config.ibot.separate_head
                                              else config.dino.head_n_prototypes)
@@ -239,8 +239,6 @@ class DINOv2(Objective):
         self.teacher_temp_schedule = cosine_schedule(base_value=teacher.teacher_temp, final_value=teacher.teacher_temp,
                                                      total_iters=warmup, warmup_iters=warmup,
                                                      start_warmup_value=teacher.warmup_teacher_temp)
-        self.register_buffer("mean", torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.preprocess.std).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -258,10 +256,6 @@ class DINOv2(Objective):
             mask_ratio_min_max=self.config.ibot.mask_ratio_min_max,
             mask_probability=self.config.ibot.mask_sample_probability,
         )
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float (B, 3, H, W) with the encoder's published mean and std."""
-        return (images.float() / 255.0 - self.mean) / self.std
 
     @torch.no_grad()
     def _teacher_targets(self, global_crops, batch, teacher_temp):
@@ -352,47 +346,11 @@ class DINOv2(Objective):
     def step_stats(self, step: int) -> dict[str, float]:
         return {"mom": self.momentum_schedule[step], "teacher_temp": self.teacher_temp_schedule[step]}
 
-    def _exported(self) -> MaskedViT:
-        return (self.teacher if self.config.export_from == "teacher" else self.student).backbone
+    def exported_encoder(self) -> nn.Module:
+        return (self.teacher if self.config.export_from == "teacher" else self.student).backbone.model
 
-    @torch.no_grad()
-    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        size = self.config.crops.global_crops_size
-        x = tiles.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        x = self.normalize(x.clamp(0, 255))
-        model = self._exported().model
-        was_training = model.training
-        model.eval()
-        out = self.spec.pooling.pool(model, model(x))
-        model.train(was_training)
-        return out.float()
-
-    def export(self, out_dir: Path) -> Path:
-        """``OUT/export/<encoder>_dinov2.safetensors`` in the encoder's published key layout, plus a
-        JSON note with the architecture overrides ``histoscope embed --arch`` needs."""
-        from safetensors.torch import save_file
-
-        from histoscope.encoders.convert import export_checkpoint
-        from histoscope.io.atomic import atomic_path, write_json
-
-        state = export_checkpoint(self.spec.checkpoint_format,
-                                  {k: v.detach().cpu().contiguous() for k, v in self._exported().model.state_dict().items()})
-        name = self.encoder_name.replace(":", "_").replace("/", "_")
-        path = Path(out_dir) / "export" / f"{name}_dinov2.safetensors"
-        with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata={"histoscope": json.dumps({"encoder": self.encoder_name,
-                                                                           "arch": self.arch})})
-        arch = " ".join(f"--arch {k}={json.dumps(v)}" for k, v in self.arch.items())
-        write_json(path.with_suffix(".json"), {
-            "encoder": self.encoder_name, "arch": self.arch, "checkpoint_format": self.spec.checkpoint_format,
-            "exported": self.config.export_from,
-            "embed": f"histoscope embed SLIDES --out OUT --encoder {self.encoder_name} --weights {path} {arch}".strip(),
-        })
-        return path
+    def export_note(self) -> dict:
+        return {"exported": self.config.export_from}
 
 
 @register_objective(name="dinov2", description="DINOv2: DINO + iBOT + KoLeo with an EMA teacher (tile encoders)",

@@ -112,8 +112,11 @@ def _plain(value):
     return value
 
 
-def _index(recipe: Recipe, log: Callable[[str], None]) -> TileIndex:
+def _index(recipe: Recipe, log: Callable[[str], None]):
     data = recipe.common.data
+    spec = get_objective(recipe.objective)
+    if spec.index is not None:
+        return spec.index(recipe.config, recipe.common, log)
     if data.images:
         return TileIndex(find_images(data.images))
     return TileIndex(find_slide_tiles(data.patches, slide_dir=data.slide_dir, log=log))
@@ -255,7 +258,7 @@ def _eval_hook(recipe: Recipe, objective: Objective, device, ctx, runlog: RunLog
         return lambda done: None
     from histoscope.pretrain.evaluation import probe, read_labelled_tiles
 
-    size = getattr(getattr(recipe.config, "crops", None), "global_crops_size", 224)
+    size = getattr(objective, "input_size", 224)  # the objective's training crop size
     tiles = read_labelled_tiles(settings.images, size=size, test_fraction=settings.test_fraction,
                                 seed=recipe.common.seed)
 
