@@ -39,12 +39,13 @@ from histoscope.pretrain.heads import DINOHead
 from histoscope.pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from histoscope.pretrain.masking import BlockMaskGenerator, draw_masks
 from histoscope.pretrain.encoder_objective import EncoderObjective
-from histoscope.pretrain.objective import RunInfo, register_objective, seeded_rng
+from histoscope.pretrain.objective import Objective, RunInfo, register_objective, seeded_rng
 from histoscope.pretrain.optim import param_groups
 from histoscope.pretrain.schedules import cosine_schedule
 from histoscope.utils.recipe import ConfigError
 
-__all__ = ["DINOv2", "DINOv2Collate", "DINOv2Config", "DINOv2Student"]
+__all__ = ["DINOv2", "DINOv2Collate", "DINOv2Config", "DINOv2Student", "SelfDistillation", "dino_crop_losses",
+           "ema_update"]
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
 N_GLOBAL_CROPS = 2
@@ -151,6 +152,33 @@ def _check_crop_sizes(config: DINOv2Config, patch_size: int, encoder: str) -> No
                               f"{encoder!r}; use crops.{name}={fit}")
 
 
+def dino_crop_losses(dino_loss: DINOLoss, student_local: torch.Tensor, student_global: torch.Tensor,
+                     targets: torch.Tensor, *, n_local: int) -> dict[str, torch.Tensor]:
+    """DINOv2's DINO terms, scaled as the reference: every local crop against both teacher global
+    crops, each global crop against the other (``targets`` (2, b, K) already swapped); the sum
+    over all terms divided by their number ``2 + 2 * n_local`` (DINO's ``n_loss_terms``).
+
+    student_local (n b, K) crop-major, student_global (2b, K).
+    """
+    n_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS + max(n_local * N_GLOBAL_CROPS, 1)
+    losses = {}
+    if n_local > 0:
+        losses["dino_local_crops_loss"] = dino_loss(student_local.float().chunk(n_local), list(targets)) / n_terms
+    loss_scales = 2  # both global crops go through the loss as one batch
+    losses["dino_global_crops_loss"] = dino_loss([student_global.float()], [targets.flatten(0, 1)]) * loss_scales \
+        / n_terms
+    return losses
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, for the student's trained parameters."""
+    pairs = [(t, s) for t, s in zip(teacher.parameters(), student.parameters()) if s.requires_grad]
+    teacher_params = [t for t, _ in pairs]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, [s.detach() for _, s in pairs], alpha=1 - momentum)
+
+
 @dataclass(frozen=True)
 class DINOv2Collate:
     """Per rank and step: augmented crops (uint8, crop-major as DINOv2 collates) and iBOT masks."""
@@ -214,24 +242,14 @@ class DINOv2Student(nn.Module):
         return {"local": local_out, "global": global_out, "masked": masked_out, "backbone_cls": glob["cls"]}
 
 
-class DINOv2(EncoderObjective):
-    """Student, EMA teacher, the three losses and their schedules."""
+class SelfDistillation(Objective):
+    """An objective with an EMA teacher of its student and DINO's teacher schedules: momentum
+    (cosine to ``final_momentum_teacher``) and temperature (linear warm-up, then constant)."""
 
-    def __init__(self, *, student: DINOv2Student, config: DINOv2Config, info: RunInfo, encoder: str, arch: dict,
-                 spec, optim, tag: str = "dinov2"):
-        super().__init__()
-        self.student = student
-        self.teacher = copy.deepcopy(student)
-        self.teacher.backbone.set_drop_path(0.0)
+    def _setup_teacher(self, teacher: TeacherConfig, info: RunInfo, *, no_drop_path) -> None:
+        self.teacher = copy.deepcopy(self.student)
+        no_drop_path(self.teacher)
         self.teacher.requires_grad_(False)
-        self.config, self.info, self.optim = config, info, optim
-        self._setup_encoder(spec=spec, encoder=encoder, arch=arch, input_size=config.crops.global_crops_size,
-                            tag=tag)
-        self.dino_loss = DINOLoss(config.dino.head_n_prototypes)
-        self.ibot_patch_loss = iBOTPatchLoss(config.ibot.head_n_prototypes if config.ibot.separate_head
-                                             else config.dino.head_n_prototypes)
-        self.koleo_loss = KoLeoLoss()
-        teacher = config.teacher
         self.momentum_schedule = cosine_schedule(base_value=teacher.momentum_teacher,
                                                  final_value=teacher.final_momentum_teacher,
                                                  total_iters=info.total_iters)
@@ -244,6 +262,30 @@ class DINOv2(EncoderObjective):
         super().train(mode)
         self.teacher.eval()
         return self
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, self.student, self.momentum_schedule[step])
+
+    def step_stats(self, step: int) -> dict[str, float]:
+        return {"mom": self.momentum_schedule[step], "teacher_temp": self.teacher_temp_schedule[step]}
+
+
+class DINOv2(SelfDistillation, EncoderObjective):
+    """Student, EMA teacher, the three losses and their schedules."""
+
+    def __init__(self, *, student: DINOv2Student, config: DINOv2Config, info: RunInfo, encoder: str, arch: dict,
+                 spec, optim, tag: str = "dinov2"):
+        super().__init__()
+        self.student = student
+        self._setup_teacher(config.teacher, info, no_drop_path=lambda teacher: teacher.backbone.set_drop_path(0.0))
+        self.config, self.info, self.optim = config, info, optim
+        self._setup_encoder(spec=spec, encoder=encoder, arch=arch, input_size=config.crops.global_crops_size,
+                            tag=tag)
+        self.dino_loss = DINOLoss(config.dino.head_n_prototypes)
+        self.ibot_patch_loss = iBOTPatchLoss(config.ibot.head_n_prototypes if config.ibot.separate_head
+                                             else config.dino.head_n_prototypes)
+        self.koleo_loss = KoLeoLoss()
 
     def collate(self) -> DINOv2Collate:
         crops, augment = self.config.crops, self.config.augment
@@ -290,8 +332,6 @@ class DINOv2(EncoderObjective):
         local_crops = self.normalize(batch["local_crops"])
         masks = batch["masks"]
         n_local = cfg.crops.local_crops_number
-        n_local_terms = max(n_local * N_GLOBAL_CROPS, 1)
-        n_global_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS
         do_dino, do_ibot = cfg.dino.loss_weight > 0, cfg.ibot.loss_weight > 0
 
         dino_targets, ibot_targets = self._teacher_targets(global_crops, batch, self.teacher_temp_schedule[step])
@@ -300,15 +340,9 @@ class DINOv2(EncoderObjective):
         total = 0
         loss_scales = 2  # both global crops go through the losses as one batch
         if do_dino:
-            if n_local > 0:
-                local = self.dino_loss(student["local"].float().chunk(n_local), list(dino_targets)) / (
-                    n_global_terms + n_local_terms)
-                losses["dino_local_crops_loss"] = local
-                total = total + cfg.dino.loss_weight * local
-            glob = self.dino_loss([student["global"].float()], [dino_targets.flatten(0, 1)]) * loss_scales / (
-                n_global_terms + n_local_terms)
-            losses["dino_global_crops_loss"] = glob
-            total = total + cfg.dino.loss_weight * glob
+            losses.update(dino_crop_losses(self.dino_loss, student["local"], student["global"], dino_targets,
+                                           n_local=n_local))
+            total = total + cfg.dino.loss_weight * sum(losses.values())
             if cfg.dino.koleo_loss_weight > 0:
                 koleo = cfg.dino.koleo_loss_weight * sum(
                     self.koleo_loss(p) for p in student["backbone_cls"].chunk(N_GLOBAL_CROPS))
@@ -334,17 +368,6 @@ class DINOv2(EncoderObjective):
 
     def clip_modules(self) -> list[nn.Module]:
         return [m for m in (self.student.backbone, self.student.dino_head, self.student.ibot_head) if m is not None]
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        momentum = self.momentum_schedule[step]
-        pairs = [(t, s) for t, s in zip(self.teacher.parameters(), self.student.parameters()) if s.requires_grad]
-        teacher = [t for t, _ in pairs]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, [s.detach() for _, s in pairs], alpha=1 - momentum)
-
-    def step_stats(self, step: int) -> dict[str, float]:
-        return {"mom": self.momentum_schedule[step], "teacher_temp": self.teacher_temp_schedule[step]}
 
     def exported_encoder(self) -> nn.Module:
         return (self.teacher if self.config.export_from == "teacher" else self.student).backbone.model

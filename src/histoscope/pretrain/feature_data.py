@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FeatureSlide", "RegionFeatureIndex", "SlideFeatureIndex", "find_feature_slides", "region_keys"]
+__all__ = ["FeatureSlide", "RegionFeatureIndex", "SlideFeatureIndex", "find_feature_slides", "region_keys",
+           "with_tile_size"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,22 @@ def find_feature_slides(paths: Sequence[str | Path], *, log: Callable[[str], Non
     if len(dims) > 1:
         raise ValueError(f"the features files mix embedding sizes {sorted(dims)}: give files of one encoder")
     return found
+
+
+def with_tile_size(model: str, arch: dict, slides: Sequence[FeatureSlide]) -> dict:
+    """``arch`` with the slide model's ``tile_size`` set to the features' grid step (level-0 px per
+    tile), as ``histoscope train`` sets it, unless given or the model has none."""
+    from histoscope.slide import get_slide_model_spec
+    from histoscope.utils.recipe import ConfigError
+
+    arch = dict(arch)
+    if "tile_size" not in arch and "tile_size" in get_slide_model_spec(model).defaults:
+        sizes = sorted({s.tile_size for s in slides})
+        if len(sizes) > 1:
+            raise ConfigError(f"the features files mix tile sizes {sizes} (level-0 px); give arch.tile_size or "
+                              "files of one tiling")
+        arch["tile_size"] = sizes[0]
+    return arch
 
 
 def region_keys(coords: np.ndarray, tile_size: float, region_tiles: int) -> tuple[np.ndarray, np.ndarray]:

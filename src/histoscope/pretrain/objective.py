@@ -127,7 +127,7 @@ def get_objective(name: str) -> ObjectiveSpec:
 
 
 def _load_builtin() -> None:
-    from histoscope.pretrain import dinov2, mae, slide_mae  # noqa: F401  (register themselves)
+    from histoscope.pretrain import dinov2, hipt, mae, slide_mae  # noqa: F401  (register themselves)
 
 
 def seeded_rng(*parts: int) -> np.random.Generator:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoscope.layers.sincos import sincos_2d
-from histoscope.pretrain.feature_data import SlideFeatureIndex, find_feature_slides
+from histoscope.pretrain.feature_data import SlideFeatureIndex, find_feature_slides, with_tile_size
 from histoscope.pretrain.mae import mae_loss
 from histoscope.pretrain.objective import Objective, RunInfo, register_objective, seeded_rng
 from histoscope.pretrain.optim import param_groups
@@ -219,17 +219,11 @@ def _slide_index(config: SlideMAEConfig, common, log) -> SlideFeatureIndex:
                                                   "encoder (Prov-GigaPath stage 2)",
                     config=SlideMAEConfig, validate=_validate, inputs="features", index=_slide_index)
 def build_slide_mae(config: SlideMAEConfig, common, info: RunInfo) -> SlideMAE:
-    from histoscope.slide import get_slide_model_spec, load_slide_model
+    from histoscope.slide import load_slide_model
     from histoscope.slide.models.longnet import LongNetSlideEncoder
 
     slides = find_feature_slides(common.data.features, log=lambda message: None)
-    arch = dict(common.arch)
-    if "tile_size" not in arch and "tile_size" in get_slide_model_spec(common.encoder).defaults:  # the grid step of the features' coords, as `histoscope train` sets it
-        sizes = sorted({s.tile_size for s in slides})
-        if len(sizes) > 1:
-            raise ConfigError(f"the features files mix tile sizes {sizes} (level-0 px); give arch.tile_size or "
-                              "files of one tiling")
-        arch["tile_size"] = sizes[0]
+    arch = with_tile_size(common.encoder, common.arch, slides)
     torch.manual_seed(info.seed)  # the same initial model on every rank
     weights = None if common.weights == "random" else common.weights
     encoder = load_slide_model(common.encoder, in_dim=slides[0].dim, num_outputs=0, weights=weights, **arch)
