@@ -128,3 +128,32 @@ def test_slide_mae_needs_features_and_a_longnet(tmp_path):
     info = RunInfo(total_iters=1, epoch_length=1, global_batch=1, device=torch.device("cpu"), seed=0)
     with pytest.raises(ConfigError, match="LongNet"):
         get_objective("slide_mae").build(recipe.config, recipe.common, info)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, one_torch_thread):
+    """Slides streamed from features files resume mid-epoch like tiles: same weights as an uninterrupted run."""
+    features = make_features(tmp_path / "features", n_slides=3, side=12)
+
+    def recipe(out):
+        return load_pretrain_recipe("slide_mae", RECIPES / "slide_mae_tiny.yaml", [
+            f"data.features=[{features}]", f"out_dir={out}", "optim.epochs=2", "checkpoint_every=3",
+            "tensorboard=false"])
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 4:
+            raise Killed
+
+    whole = pretrain(recipe(tmp_path / "whole"), log=None)
+    with pytest.raises(Killed):
+        pretrain(recipe(tmp_path / "killed"), log=None, on_step_end=kill)
+    assert torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    messages = []
+    resumed = pretrain(recipe(tmp_path / "killed"), log=messages.append)
+    assert any("resuming" in m and "at step 4" in m for m in messages)
+    one = torch.load(whole["export"], weights_only=True)["model"]
+    again = torch.load(resumed["export"], weights_only=True)["model"]
+    for key in one:
+        torch.testing.assert_close(again[key], one[key], rtol=0, atol=1e-6)
