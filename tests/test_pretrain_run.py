@@ -93,6 +93,34 @@ def test_knn_probe_beats_the_random_initialisation(short_run):
     assert [r["step"] for r in log if "eval" in r] == [-1, 39]
 
 
+def test_short_run_lowers_the_dino_loss_against_its_teacher(data, short_run):
+    """On one fixed batch, with the trained teacher's targets and centres: the trained student's DINO
+    loss is far below the initial student's (the loss the run minimised, without its moving target)."""
+    from histoscope.pretrain import get_objective
+    from histoscope.pretrain.data import StepStream, TileIndex, find_slide_tiles
+    from histoscope.pretrain.objective import RunInfo
+
+    out, _ = short_run
+    recipe = _recipe(data, out / "run", *LIGHT)
+    state = torch.load(out / "run" / "checkpoints" / "last.pt", weights_only=True)["objective"]
+    info = RunInfo(total_iters=recipe.common.total_iters, epoch_length=recipe.common.optim.epoch_length,
+                   global_batch=16, device=torch.device("cpu"), seed=recipe.common.seed)
+    index = TileIndex(find_slide_tiles(recipe.common.data.patches, log=lambda m: None))
+    losses = {}
+    for student in ("initial", "trained"):
+        objective = get_objective("dinov2").build(recipe.config, recipe.common, info)
+        initial = {k: v.clone() for k, v in objective.student.state_dict().items()}
+        objective.load_state_dict(state)
+        if student == "initial":
+            objective.student.load_state_dict(initial)
+        stream = StepStream(index, collate=objective.collate(), global_batch=16, rank=0, world_size=1, seed=99,
+                            start_step=0, stop_step=1)
+        with torch.no_grad():
+            out_losses = objective.eval()(next(iter(stream)), step=recipe.common.total_iters - 1)
+        losses[student] = float(out_losses["dino_local_crops_loss"] + out_losses["dino_global_crops_loss"])
+    assert losses["trained"] < 0.7 * losses["initial"], losses
+
+
 def test_short_run_exports_what_embed_loads(data, short_run, tmp_path, embed_trained):
     out, result = short_run
     log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
