@@ -146,3 +146,26 @@ def test_short_run_lowers_the_loss_and_exports_what_embed_loads(slides, tmp_path
     run = embed_trained(slides / "slides", slides / "out" / "patches", out, encoder="uni", weights=exported, arch=ARCH)
     assert run.exit_code == 0, run.output
     assert len(list((out / "features_uni").glob("*.h5"))) == 2
+
+
+def test_two_processes_agree_with_one(slides, tmp_path):
+    """MAE under torchrun (gloo, 2 x 8 images) follows the single-process run (16 images): masks and
+    views are seeded per sample, and the masked-patch mean is the same on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    args = [str(RECIPES / "mae_tiny.yaml"), f"data.patches=[{slides / 'out'}]", "max_steps=4", "log_every=1",
+            "tensorboard=false"]
+    one = pretrain(load_pretrain_recipe("mae", args[0], [*args[1:], f"out_dir={tmp_path / 'one'}"]), log=None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29900 + os.getpid() % 90), "-m", "histoscope.cli.main", "pretrain", "mae", *args,
+           f"out_dir={tmp_path / 'two'}", "--device", "cpu", "--quiet"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = load_file(one["export"]), load_file(tmp_path / "two" / "export" / one["export"].name)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    logs = [[json.loads(x)["mae_loss"] for x in (tmp_path / run_dir / "log.jsonl").read_text().splitlines()]
+            for run_dir in ("one", "two")]
+    assert logs[1] == pytest.approx(logs[0], rel=1e-5)
