@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from histoscope.encoders import list_tile_encoders
 from histoscope.pretrain import get_objective, load_pretrain_recipe, pretrain
 from histoscope.pretrain.mae import grid_sincos, mae_loss, patchify, random_masking
 from histoscope.pretrain.objective import RunInfo
@@ -169,3 +170,29 @@ def test_two_processes_agree_with_one(slides, tmp_path):
     logs = [[json.loads(x)["mae_loss"] for x in (tmp_path / run_dir / "log.jsonl").read_text().splitlines()]
             for run_dir in ("one", "two")]
     assert logs[1] == pytest.approx(logs[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list_tile_encoders())
+def test_every_registered_vit_trains_with_mae(name, one_torch_thread):
+    """Class and register tokens, LayerScale, SwiGLU, CONCH's trunk: MAE runs on every registry ViT and
+    every parameter it trains gets a gradient."""
+    from histoscope.encoders import get_tile_encoder_spec
+    from histoscope.pretrain.mae import MAEStudent, mae_backbone
+
+    spec = get_tile_encoder_spec(name)
+    if spec.checkpoint_format in ("ctranspath", "torchvision"):
+        pytest.skip(f"{name} is not a ViT (a clear NotAViTError, tested with DINOv2)")
+    arch = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+    if name == "conch":
+        arch.update(pool_dim=16, pool_heads=2)
+    torch.manual_seed(0)
+    backbone = mae_backbone(spec.builder(**arch), encoder=name, fixed_pos_embed=True)
+    student = MAEStudent(backbone=backbone, mask_ratio=0.75, decoder_embed_dim=16, decoder_depth=1,
+                         decoder_num_heads=2, mlp_ratio=2.0)
+    p = backbone.patch_size
+    images = torch.randn(2, 3, 4 * p, 4 * p)
+    pred, mask = student(images, torch.rand(2, 16))
+    assert pred.shape == (2, 16, p * p * 3) and mask.sum() == 2 * 12
+    mae_loss(pred, patchify(images, p), mask, norm_pix_loss=True).backward()
+    missing = [n for n, q in student.named_parameters() if q.requires_grad and q.grad is None]
+    assert not missing, missing

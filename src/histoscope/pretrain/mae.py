@@ -41,7 +41,7 @@ from histoscope.pretrain.objective import RunInfo, register_objective, seeded_rn
 from histoscope.pretrain.optim import param_groups
 from histoscope.utils.recipe import ConfigError
 
-__all__ = ["MAE", "MAEConfig", "MAEStudent", "mae_loss", "patchify", "random_masking", "grid_sincos"]
+__all__ = ["MAE", "MAEConfig", "MAEStudent", "grid_sincos", "mae_backbone", "mae_loss", "patchify", "random_masking"]
 
 
 @dataclass
@@ -253,6 +253,21 @@ def _fix_pos_embed(backbone: MaskedViT) -> None:
     vit.pos_embed.requires_grad_(False)
 
 
+def mae_backbone(model: nn.Module, *, encoder: str, fixed_pos_embed: bool) -> MaskedViT:
+    """A registry encoder module as MAE's encoder: what MAE does not compute with is frozen (DINOv2's
+    mask token, the pooled head: ``fc_norm``, ``attn_pool``, ``head``), and with ``fixed_pos_embed``
+    the position table is MAE's fixed sin-cos."""
+    backbone = MaskedViT(model=model, encoder=encoder)
+    backbone.mask_token.requires_grad_(False)  # MAE drops masked patches instead
+    for name in ("fc_norm", "attn_pool", "head"):
+        module = getattr(backbone.vit, name, None)
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
+    if fixed_pos_embed:
+        _fix_pos_embed(backbone)
+    return backbone
+
+
 @register_objective(name="mae", description="MAE: masked-patch pixel reconstruction with a light decoder "
                                             "(tile encoders)", config=MAEConfig, validate=_validate)
 def build_mae(config: MAEConfig, common, info: RunInfo) -> MAE:
@@ -261,19 +276,12 @@ def build_mae(config: MAEConfig, common, info: RunInfo) -> MAE:
     torch.manual_seed(info.seed)  # the same initial model on every rank
     weights = f"random:{info.seed}" if common.weights == "random" else common.weights
     encoder = load_tile_encoder(common.encoder, weights=weights, **common.arch)
-    backbone = MaskedViT(model=encoder.model, encoder=common.encoder)
+    backbone = mae_backbone(encoder.model, encoder=common.encoder, fixed_pos_embed=(
+        config.fixed_pos_embed if config.fixed_pos_embed is not None else common.weights == "random"))
     if config.input_size % backbone.patch_size:
         fit = max(backbone.patch_size, round(config.input_size / backbone.patch_size) * backbone.patch_size)
         raise ConfigError(f"input_size={config.input_size} is not a multiple of the patch size {backbone.patch_size} "
                           f"of {common.encoder!r}; use input_size={fit}")
-    backbone.mask_token.requires_grad_(False)  # DINOv2's token; MAE drops masked patches instead
-    vit = backbone.vit
-    for name in ("fc_norm", "attn_pool", "head"):  # the pooled head is not part of MAE's computation
-        module = getattr(vit, name, None)
-        if isinstance(module, nn.Module):
-            module.requires_grad_(False)
-    if config.fixed_pos_embed if config.fixed_pos_embed is not None else common.weights == "random":
-        _fix_pos_embed(backbone)
     decoder = config.decoder
     student = MAEStudent(backbone=backbone, mask_ratio=config.mask_ratio, decoder_embed_dim=decoder.decoder_embed_dim,
                          decoder_depth=decoder.decoder_depth, decoder_num_heads=decoder.decoder_num_heads,
