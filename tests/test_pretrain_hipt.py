@@ -128,6 +128,8 @@ def test_256_then_4k_on_sample_slides(tmp_path, one_torch_thread, embed_trained)
     assert set(first["losses"]) >= {"dino_local_crops_loss", "dino_global_crops_loss"}
     assert not {"ibot_loss", "koleo_loss"} & set(first["losses"])
     assert first["export"].name == "timm_vit_small_patch16_224_hipt256.safetensors"
+    state = torch.load(tmp_path / "vit256" / "checkpoints" / "last.pt", weights_only=True)["objective"]
+    assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor))  # no iBOT centre 0/0
     arch = level1.common.arch
     run = embed_trained(tmp_path / "slides", tmp_path / "out" / "patches", tmp_path / "emb",
                         encoder="timm:vit_small_patch16_224", weights=first["export"], arch=arch)

@@ -313,18 +313,24 @@ class DINOv2(SelfDistillation, EncoderObjective):
         else:
             cls_out = self.teacher.dino_head(cls).float()
             masked_out = self.teacher.ibot_head(masked).float()
+        ibot_targets = None
         if cfg.centering == "centering":
             dino_targets = self.dino_loss.softmax_center_teacher(cls_out, teacher_temp=teacher_temp)
             self.dino_loss.update_center(cls_out)
+        else:
+            dino_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_out, teacher_temp=teacher_temp)
+        dino_targets = dino_targets.view(N_GLOBAL_CROPS, -1, *cls_out.shape[1:])  # (2, b, K)
+        if cfg.ibot.loss_weight <= 0:  # no iBOT term: its centre is never touched (as the reference's do_ibot)
+            return dino_targets, ibot_targets
+        if cfg.centering == "centering":
             masked_out = masked_out.unsqueeze(0)  # (1, M, K)
             ibot_targets = self.ibot_patch_loss.softmax_center_teacher(masked_out[:, :n_masked],
                                                                        teacher_temp=teacher_temp).squeeze(0)
             self.ibot_patch_loss.update_center(masked_out[:n_masked])
         else:
-            dino_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_out, teacher_temp=teacher_temp)
             ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                 masked_out, teacher_temp=teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"])
-        return dino_targets.view(N_GLOBAL_CROPS, -1, *cls_out.shape[1:]), ibot_targets  # (2, b, K), (M, K)
+        return dino_targets, ibot_targets  # (2, b, K), (M, K)
 
     def forward(self, batch: dict[str, Any], *, step: int) -> dict[str, torch.Tensor]:
         cfg = self.config
