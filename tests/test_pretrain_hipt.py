@@ -130,6 +130,14 @@ def test_256_then_4k_on_sample_slides(tmp_path, one_torch_thread, embed_trained)
     assert first["export"].name == "timm_vit_small_patch16_224_hipt256.safetensors"
     state = torch.load(tmp_path / "vit256" / "checkpoints" / "last.pt", weights_only=True)["objective"]
     assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor))  # no iBOT centre 0/0
+    from safetensors.torch import load_file
+
+    hipt_file = torch.load(first["export"].parent / "vit256_dino.pth", weights_only=True)  # HIPT's get_vit256 reads it
+    encoder = load_file(first["export"])
+    backbone = {k.removeprefix("backbone."): v for k, v in hipt_file["teacher"].items() if k.startswith("backbone.")}
+    assert backbone.keys() == encoder.keys() and all(torch.equal(backbone[k], encoder[k]) for k in encoder)
+    assert "blocks.1.attn.qkv.weight" in backbone and "head.last_layer.weight_v" in hipt_file["teacher"]
+    assert all(k.startswith("module.") for k in hipt_file["student"])
     arch = level1.common.arch
     run = embed_trained(tmp_path / "slides", tmp_path / "out" / "patches", tmp_path / "emb",
                         encoder="timm:vit_small_patch16_224", weights=first["export"], arch=arch)

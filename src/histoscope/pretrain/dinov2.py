@@ -384,7 +384,9 @@ class DINOv2(SelfDistillation, EncoderObjective):
 
 @register_objective(name="dinov2", description="DINOv2: DINO + iBOT + KoLeo with an EMA teacher (tile encoders)",
                     config=DINOv2Config, validate=_validate)
-def build_dinov2(config: DINOv2Config, common, info: RunInfo) -> DINOv2:
+def build_dinov2(config: DINOv2Config, common, info: RunInfo, *, cls: type | None = None,
+                 tag: str = "dinov2") -> DINOv2:
+    """The DINOv2 objective (or ``cls``, a subclass sharing its construction, exported under ``tag``)."""
     from histoscope.encoders import load_tile_encoder
 
     torch.manual_seed(info.seed)  # the same initial student on every rank
@@ -400,6 +402,6 @@ def build_dinov2(config: DINOv2Config, common, info: RunInfo) -> DINOv2:
                          hidden_dim=ibot.head_hidden_dim, bottleneck_dim=ibot.head_bottleneck_dim) \
         if ibot.separate_head and ibot.loss_weight > 0 else None
     student = DINOv2Student(backbone=backbone, dino_head=dino_head, ibot_head=ibot_head)
-    objective = DINOv2(student=student, config=config, info=info, encoder=common.encoder, arch=dict(common.arch),
-                       spec=encoder.spec, optim=common.optim)
+    objective = (cls or DINOv2)(student=student, config=config, info=info, encoder=common.encoder,
+                                arch=dict(common.arch), spec=encoder.spec, optim=common.optim, tag=tag)
     return objective.to(info.device).train()

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from histoscope.pretrain.backbone import set_drop_path
-from histoscope.pretrain.dinov2 import (CENTERINGS, N_GLOBAL_CROPS, DINOConfig, DINOv2Config, IBOTConfig,
+from histoscope.pretrain.dinov2 import (CENTERINGS, N_GLOBAL_CROPS, DINOConfig, DINOv2, DINOv2Config, IBOTConfig,
                                         SelfDistillation, TeacherConfig, build_dinov2, dino_crop_losses)
 from histoscope.pretrain.dinov2 import _validate as _validate_dinov2
 from histoscope.pretrain.feature_data import RegionFeatureIndex, find_feature_slides, with_tile_size
@@ -45,7 +45,8 @@ from histoscope.pretrain.objective import RunInfo, register_objective, seeded_rn
 from histoscope.pretrain.optim import param_groups
 from histoscope.utils.recipe import ConfigError
 
-__all__ = ["HIPT4K", "HIPT4KConfig", "HIPT256Config", "RegionCrops", "dino_head_state_dict"]
+__all__ = ["HIPT256", "HIPT4K", "HIPT4KConfig", "HIPT256Config", "RegionCrops", "dino_checkpoint_part",
+           "dino_head_state_dict"]
 
 
 # ---- the 256-px level: DINOv2's objective with DINO's loss only ---------------------------------
@@ -80,12 +81,28 @@ class HIPT256Config(DINOv2Config):
     teacher: DINOTeacherConfig = field(default_factory=DINOTeacherConfig)
 
 
+class HIPT256(DINOv2):
+    """DINOv2's objective exporting, besides the encoder for ``histoscope embed``, HIPT's own file."""
+
+    def export(self, out_dir: Path) -> Path:
+        """The encoder as every tile objective exports it, plus ``OUT/export/vit256_dino.pth``: a DINO
+        checkpoint in HIPT's layout (``{"teacher": {"backbone.*", "head.*"}, "student": {"module.*"}}``,
+        what HIPT's ``get_vit256`` reads)."""
+        from histoscope.io.atomic import atomic_path
+
+        path = super().export(out_dir)
+        checkpoint = {"teacher": dino_checkpoint_part(self.teacher.backbone.model, self.teacher.dino_head, ""),
+                      "student": dino_checkpoint_part(self.student.backbone.model, self.student.dino_head, "module."),
+                      "dino_loss": {"center": self.dino_loss.center.detach().cpu().view(1, -1)}}
+        with atomic_path(path.parent / "vit256_dino.pth") as tmp:
+            torch.save(checkpoint, tmp)
+        return path
+
+
 @register_objective(name="hipt256", description="HIPT level 1: DINO on 256-px tiles (ViT-S/16, tile encoders)",
                     config=HIPT256Config, validate=_validate_dinov2)
-def build_hipt256(config: HIPT256Config, common, info: RunInfo):
-    objective = build_dinov2(config, common, info)
-    objective.tag = "hipt256"
-    return objective
+def build_hipt256(config: HIPT256Config, common, info: RunInfo) -> HIPT256:
+    return build_dinov2(config, common, info, cls=HIPT256, tag="hipt256")
 
 
 # ---- the 4096-px level: DINO over grids of tile embeddings -------------------------------------
@@ -190,6 +207,13 @@ def dino_head_state_dict(head: DINOHead) -> dict[str, torch.Tensor]:
     return {names.get(k, k): v for k, v in head.state_dict().items()}
 
 
+def dino_checkpoint_part(backbone: nn.Module, head: DINOHead, prefix: str) -> dict[str, torch.Tensor]:
+    """DINO's ``MultiCropWrapper`` keys: ``{prefix}backbone.*`` and ``{prefix}head.*`` (CPU tensors)."""
+    parts = {f"{prefix}backbone.{k}": v for k, v in backbone.state_dict().items()}
+    parts.update({f"{prefix}head.{k}": v for k, v in dino_head_state_dict(head).items()})
+    return {k: v.detach().cpu().contiguous() for k, v in parts.items()}
+
+
 class HIPT4K(SelfDistillation):
     def __init__(self, *, student: RegionStudent, config: HIPT4KConfig, info: RunInfo, model_name: str, in_dim: int,
                  arch: dict, optim):
@@ -242,13 +266,9 @@ class HIPT4K(SelfDistillation):
         """``OUT/export/vit4k_dino.pth`` in HIPT's DINO-4K layout (``load_vit4k_dino`` loads it) and a JSON note."""
         from histoscope.io.atomic import atomic_path, write_json
 
-        def wrapped(model: RegionStudent, prefix: str) -> dict[str, torch.Tensor]:
-            parts = {f"{prefix}backbone.{k}": v for k, v in model.backbone.state_dict().items()}
-            parts.update({f"{prefix}head.{k}": v for k, v in dino_head_state_dict(model.head).items()})
-            return {k: v.detach().cpu().contiguous() for k, v in parts.items()}
-
         steps = int(self.info.total_iters)
-        checkpoint = {"teacher": wrapped(self.teacher, ""), "student": wrapped(self.student, "module."),
+        checkpoint = {"teacher": dino_checkpoint_part(self.teacher.backbone, self.teacher.head, ""),
+                      "student": dino_checkpoint_part(self.student.backbone, self.student.head, "module."),
                       "dino_loss": {"center": self.dino_loss.center.detach().cpu().view(1, -1)},
                       "epoch": steps // max(1, self.info.epoch_length)}
         path = Path(out_dir) / "export" / "vit4k_dino.pth"
