@@ -116,6 +116,13 @@ def test_short_run_lowers_the_loss_and_exports_what_the_slide_model_loads(tmp_pa
     assert "patch_embed.proj.weight" in changed and "encoder.layers.1.ffn.fc2.weight" in changed
     assert not any(k.startswith("norm.") for k in changed)  # pooling norm: not part of the objective
 
+    # continued pretraining starts from a published-layout slide_encoder.pth, loaded strictly
+    again = load_pretrain_recipe("slide_mae", RECIPES / "slide_mae_tiny.yaml", [
+        f"data.features=[{features}]", f"out_dir={tmp_path / 'again'}", f"weights={exported}"])
+    info = RunInfo(total_iters=1, epoch_length=1, global_batch=2, device=torch.device("cpu"), seed=5)
+    continued = get_objective("slide_mae").build(again.config, again.common, info)
+    assert all(torch.equal(continued.student.encoder.state_dict()[k], v) for k, v in checkpoint["model"].items())
+
 
 def test_slide_mae_needs_features_and_a_longnet(tmp_path):
     from histoscope.utils.recipe import ConfigError
