@@ -164,3 +164,23 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, one_torch_thre
     again = torch.load(resumed["export"], weights_only=True)["model"]
     for key in one:
         torch.testing.assert_close(again[key], one[key], rtol=0, atol=1e-6)
+
+
+def test_files_that_are_not_features_are_named_and_a_fixed_recipe_reruns(tmp_path):
+    """A patches file given as features: a one-line error naming it; the corrected rerun into the same
+    folder starts (nothing was checkpointed, so there is no other run to protect)."""
+    bad = tmp_path / "not_features"
+    bad.mkdir()
+    write_features(tmp_path / "ok" / "s.h5", np.ones((4, 16), np.float32), np.arange(8).reshape(4, 2) * TILE,
+                   coords_attrs={"patch_size": 256, "patch_size_level0": TILE})
+    import h5py
+
+    with h5py.File(bad / "s_patches.h5", "w") as f:
+        f["coords"] = np.zeros((3, 2), np.int64)
+    args = [f"out_dir={tmp_path / 'run'}", "max_steps=1", "tensorboard=false"]
+    with pytest.raises(FileNotFoundError, match="s_patches.h5.*features"):
+        pretrain(load_pretrain_recipe("slide_mae", RECIPES / "slide_mae_tiny.yaml", [f"data.features=[{bad}]", *args]),
+                 log=None)
+    result = pretrain(load_pretrain_recipe("slide_mae", RECIPES / "slide_mae_tiny.yaml",
+                                           [f"data.features=[{tmp_path / 'ok'}]", *args]), log=None)
+    assert result["export"].is_file()

@@ -61,22 +61,25 @@ def find_feature_slides(paths: Sequence[str | Path], *, log: Callable[[str], Non
     files = [f for p in paths for f in _feature_files(Path(p))]
     if not files:
         raise FileNotFoundError(f"no features files (*.h5) in {', '.join(map(str, paths))}; run `histoscope embed`")
-    found = []
+    found, skipped = [], []
     for file in files:
         try:
             with h5py.File(file, "r") as f:
                 n, dim = f["features"].shape
             geometry = TileGeometry.from_attrs(read_coords_attrs(file))
         except (OSError, KeyError, ValueError) as error:
-            log(f"skipping {file}: not a readable features file with tile geometry ({error})")
+            skipped.append(f"{file}: not a readable features file with tile geometry ({error})")
+            log(f"skipping {skipped[-1]}")
             continue
         if n == 0:
-            log(f"skipping {file}: no tiles")
+            skipped.append(f"{file}: no tiles")
+            log(f"skipping {skipped[-1]}")
             continue
         found.append(FeatureSlide(name=file.stem, path=str(file), num_tiles=int(n), dim=int(dim),
                                   tile_size=float(geometry.size_level0)))
     if not found:
-        raise FileNotFoundError(f"none of the {len(files)} features files has tiles and tile geometry")
+        raise FileNotFoundError(f"none of the {len(files)} features files has tiles and tile geometry (first: "
+                                f"{skipped[0]}); give the OUT/features_<encoder> folder `histoscope embed` wrote")
     dims = {s.dim for s in found}
     if len(dims) > 1:
         raise ValueError(f"the features files mix embedding sizes {sorted(dims)}: give files of one encoder")

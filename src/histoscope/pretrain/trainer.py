@@ -141,7 +141,8 @@ def pretrain(recipe: Recipe, *, overwrite: bool = False, progress: bool = False,
                 (out / CHECKPOINT).unlink()
                 (out / "log.jsonl").unlink(missing_ok=True)
                 (out / "config.yaml").unlink(missing_ok=True)
-            _check_same_run(out, recipe)
+            if (out / CHECKPOINT).exists():  # a run that never checkpointed has nothing to resume
+                _check_same_run(out, recipe)
             _write_config(out, recipe)
         distributed.barrier()
         return _run(recipe, ctx, out, echo, progress, on_step_end)
