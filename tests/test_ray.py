@@ -194,3 +194,31 @@ def test_poisoned_slide_is_retried_a_bounded_number_of_times_then_reported(cohor
     assert not _partials(cohort / "poisoned")
     with h5py.File(cohort / "poisoned" / "patches" / "a_patches.h5") as f:
         assert len(f["coords"]) > 0
+
+
+def test_train_folds_as_parallel_ray_tasks_give_the_sequential_results(executor, tmp_path, one_torch_thread):
+    from histoscope.io.columns import read_columns
+    from histoscope.train import TrainConfig, train
+    from histoscope.train.synthetic import make_mil_cohort
+
+    cohort = make_mil_cohort(tmp_path / "mil", slides=12, tiles=(10, 20), seed=0)
+
+    def config(out: str) -> TrainConfig:
+        return TrainConfig(csv=str(cohort.csv), features_dir=str(cohort.features_dir), out_dir=str(tmp_path / out),
+                           model="abmil_gated", tiny=True, folds=2, epochs=2, lr=5e-3, batch_size=1, patience=5,
+                           device="cpu", precision="fp32", bootstrap=20, seed=0)
+
+    sequential = train(config("sequential"))
+    parallel = train(config("parallel"), executor=executor)
+    for fold in ("0", "1"):
+        expected = read_columns(tmp_path / "sequential" / f"fold_{fold}" / "predictions.csv")
+        got = read_columns(tmp_path / "parallel" / f"fold_{fold}" / "predictions.csv")
+        assert got.keys() == expected.keys() and got["slide_id"] == expected["slide_id"]
+        for key, values in expected.items():
+            try:
+                np.testing.assert_allclose(np.asarray(got[key], float), np.asarray(values, float), atol=1e-5)
+            except ValueError:  # a column of names
+                assert got[key] == values
+    assert parallel["pooled"]["metrics"].keys() == sequential["pooled"]["metrics"].keys()
+    for name, entry in sequential["pooled"]["metrics"].items():
+        assert parallel["pooled"]["metrics"][name]["value"] == pytest.approx(entry["value"], abs=1e-6)

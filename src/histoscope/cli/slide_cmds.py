@@ -25,6 +25,8 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 (recipe's device).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in the output folder instead of resuming it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Cross-validated training of a slide model from a slide CSV and a features folder.
 
@@ -42,7 +44,16 @@ def train(
         config.out_dir = str(out)
     if device is not None:
         config.device = device
-    results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
+    if executor == "local":  # folds one after another in this process, with per-epoch lines
+        if address is not None:
+            raise ValueError("--address is for --executor ray; drop it or add --executor ray")
+        results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
+    else:  # folds as parallel Ray tasks; a private head gets one CPU per fold
+        from histoscope.pipeline import open_executor
+
+        with open_executor(executor, workers=config.folds, address=address,
+                           gpus_per_task=gpus_per_task(config.device)) as runner:
+            results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo, executor=runner)
     pooled = results["pooled"]
     typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")
     for name, entry in pooled["metrics"].items():
