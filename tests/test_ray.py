@@ -28,6 +28,7 @@ from histoscope.pipeline.ray_head import LoopbackHead  # noqa: E402
 from histoscope.tiling import read_patches  # noqa: E402
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
+pytestmark = pytest.mark.xdist_group("ray_head")  # one head for the module, on one xdist worker
 SLIDES = ("a", "b", "c")
 
 
@@ -196,8 +197,10 @@ def test_poisoned_slide_is_retried_a_bounded_number_of_times_then_reported(cohor
         assert len(f["coords"]) > 0
 
 
-def test_train_folds_as_parallel_ray_tasks_give_the_sequential_results(executor, tmp_path, one_torch_thread):
+def test_train_folds_as_parallel_ray_tasks_and_predict_on_ray_give_the_local_results(executor, tmp_path,
+                                                                                     one_torch_thread):
     from histoscope.io.columns import read_columns
+    from histoscope.predict import predict_slides, predictions_path
     from histoscope.train import TrainConfig, train
     from histoscope.train.synthetic import make_mil_cohort
 
@@ -222,3 +225,13 @@ def test_train_folds_as_parallel_ray_tasks_give_the_sequential_results(executor,
     assert parallel["pooled"]["metrics"].keys() == sequential["pooled"]["metrics"].keys()
     for name, entry in sequential["pooled"]["metrics"].items():
         assert parallel["pooled"]["metrics"][name]["value"] == pytest.approx(entry["value"], abs=1e-6)
+
+    checkpoint = tmp_path / "sequential" / "fold_0" / "checkpoint.pt"
+    local = predict_slides(checkpoint, features_dir=cohort.features_dir, out_dir=tmp_path / "pred_local", device="cpu")
+    on_ray = predict_slides(checkpoint, features_dir=cohort.features_dir, out_dir=tmp_path / "pred_ray", device="cpu",
+                            executor=executor)
+    assert local.ok and on_ray.ok and len(on_ray.records) == 12
+    assert (predictions_path(tmp_path / "pred_ray").read_text() == predictions_path(tmp_path / "pred_local").read_text())
+    some = next(iter(local.records))
+    assert (tmp_path / "pred_ray" / some / "tile_scores.csv").read_bytes() == \
+           (tmp_path / "pred_local" / some / "tile_scores.csv").read_bytes()

@@ -147,7 +147,7 @@ class LoopbackHead:
         """PIDs of the head's daemons and of its workers (one session)."""
         return session_processes(self.sid) if self.sid is not None else []
 
-    def stop(self, grace: float = 3.0) -> None:
+    def stop(self, grace: float = 2.0) -> None:
         """TERM the head's process group and session, KILL what outlives ``grace``; drop its temp dir."""
         if self.sid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
