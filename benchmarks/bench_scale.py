@@ -2,15 +2,17 @@
 
 Usage: python benchmarks/bench_scale.py [--slides 8] [--size 3072x2048] [--workers 1,2]
 
-Every run tiles and embeds the same --slides sample slides (0.25 µm/px, tiles of 256 px at
-0.5 µm/px, a small UNI-architecture ViT with seeded random weights, fp32 on CPU) into a new
-output folder, from cold worker processes, and is timed from the call to the last file;
-local and ray take turns, --repeats times, and the fewest seconds count:
+Every run is ``histoscope run`` in a new process, as a user starts it: the same --slides
+sample slides (0.25 µm/px, tiles of 256 px at 0.5 µm/px, a small UNI-architecture ViT with
+seeded random weights, fp32 on CPU) tiled and embedded into a new output folder, timed from
+the start of the command to its end; local and ray take turns, --repeats times, and the
+fewest seconds count:
 
-  local N            tile_slides with N worker processes, then embed_slides streaming every
-                     slide through one model with N tile-decoding processes (the default)
-  ray N              the same two stages as one Ray task per slide on a private loopback head
-                     with N CPUs (head start-up reported apart: a cluster is started once)
+  local N            --workers N: tiling in N worker processes, then every slide streamed
+                     through one model with N tile-decoding processes (the default executor)
+  ray N              --executor ray: one Ray task per slide and stage, on a loopback head with
+                     N CPUs started beforehand (its start-up reported apart: a cluster is
+                     started once, not per command)
 
 Columns: wall seconds, slides per second, the ratio to ``local`` with the same N (Ray's
 overhead, goal <= 1.10 at N=2), and the time from the start to the first finished slide
@@ -46,30 +48,26 @@ def _params(workers: int):
                        devices=("cpu",))
 
 
-class _FirstSlide:
-    """Wraps an executor, noting when the first slide's result arrives."""
+def _run(slides: Path, out: Path, workers: int, address: str | None) -> tuple[float, float]:
+    """``histoscope run`` as a user runs it (a new process); returns its wall seconds and the
+    seconds to its first finished slide (its first progress line)."""
+    import subprocess
+    import sys
 
-    def __init__(self, executor, start: float):
-        self.executor, self.start, self.first = executor, start, None
-
-    def map(self, fn, items):
-        for index, result in self.executor.map(fn, items):
-            if self.first is None:
-                self.first = time.perf_counter() - self.start
-            yield index, result
-
-
-def _run(slides: Path, out: Path, executor, workers: int, *, local: bool) -> tuple[float, float]:
-    from histoscope.pipeline import tile_slides
-    from histoscope.pipeline.embed import embed_slides
-
+    cmd = [sys.executable, "-m", "histoscope.cli.main", "run", str(slides), "--out", str(out), "--encoder", "uni",
+           "--weights", "random:0", *[f"--arch={k}={v}" for k, v in TINY.items()], "--workers", str(workers),
+           "--batch-size", "32", "--dtype", "fp32", "--devices", "cpu"]
+    if address is not None:
+        cmd += ["--executor", "ray", "--address", address]
     start = time.perf_counter()
-    timed = _FirstSlide(executor, start)
-    assert tile_slides([slides], out_dir=out, executor=timed, progress=False).ok
-    embedded = embed_slides([slides], out_dir=out, params=_params(workers), progress=False,
-                            executor=None if local else executor)
-    assert embedded.ok, embedded.records
-    return time.perf_counter() - start, timed.first
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = None
+    for line in proc.stderr:
+        if first is None and line.startswith("tile 1/"):
+            first = time.perf_counter() - start
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed")
+    return time.perf_counter() - start, first
 
 
 def _model_per_slide(job, *, out_dir, params):
@@ -136,15 +134,8 @@ def main() -> None:
     counts = [int(v) for v in args.workers.split(",")]
 
     from histoscope.io.sample import make_sample_slide
-    from histoscope.pipeline import LocalExecutor
-    from histoscope.pipeline.ray_executor import RayExecutor
     from histoscope.pipeline.ray_head import LoopbackHead
 
-    import torch
-
-    from histoscope.pipeline.embed import prepare_encoder
-
-    prepare_encoder(_params(1), torch.device("cpu"))  # this process's imports, before any clock runs
     root = Path(tempfile.mkdtemp(prefix="bench_scale_"))
     try:
         for i in range(args.slides):
@@ -159,11 +150,7 @@ def main() -> None:
                 for turn in range(args.repeats):  # local and ray take turns: a busy spell slows both
                     for name in ("local", "ray"):
                         out = root / f"{name}{n}_{turn}"
-                        if name == "local":
-                            wall, first = _run(root / "slides", out, LocalExecutor(workers=n), n, local=True)
-                        else:
-                            with RayExecutor(address=head.address) as executor:
-                                wall, first = _run(root / "slides", out, executor, n, local=False)
+                        wall, first = _run(root / "slides", out, n, None if name == "local" else head.address)
                         if name not in best or wall < best[name][0]:
                             best[name] = (wall, first)
                 rows.append((f"local {n}", n, *best["local"], None))

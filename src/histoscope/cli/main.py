@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from histoscope.cli.errors import BATCH_FAILED, HandledGroup, check_mpp, one_of
-from histoscope.cli.executor_opts import AddressOpt, ExecutorOpt, gpus_per_task
+from histoscope.cli.executor_opts import AddressOpt, ExecutorOpt, ray_or_none
 from histoscope.io.mpp import mpp_problem
 from histoscope.io.open import BACKENDS
 from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
@@ -173,23 +172,9 @@ def embed(
     from histoscope.pipeline.embed import embed_slides
 
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, compile_, arch)
-    with _slide_executor(executor, workers, address, devices) as runner:
+    with ray_or_none(executor, workers=workers, address=address, devices=devices) as runner:
         result = embed_slides(slides, out_dir=out, params=params, slide_mpp=slide_mpp, executor=runner)
     _summarise(result, features_folder(out, params.folder_name))
-
-
-@contextlib.contextmanager
-def _slide_executor(executor: str, workers: int, address: str | None, devices: str):
-    """None for the local embed (slides stream through one model here), else the Ray executor."""
-    from histoscope.pipeline import open_executor
-
-    if executor == "local":
-        if address is not None:
-            raise ValueError("--address is for --executor ray; drop it or add --executor ray")
-        yield None
-        return
-    with open_executor(executor, workers=workers, address=address, gpus_per_task=gpus_per_task(devices)) as runner:
-        yield runner
 
 
 @app.command()
@@ -219,7 +204,7 @@ def run(
     mpp, size = encoder_tiling(spec, mpp=mpp, size=size)
     jobs = collect_slides(slides, slide_mpp=slide_mpp)  # keeps CSV slide ids and mpp
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, False, arch)
-    with _slide_executor(executor, workers, address, devices) as runner:
+    with ray_or_none(executor, workers=workers, address=address, devices=devices) as runner:
         tiled = tile_slides(jobs, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers,
                             executor=runner)
         _summarise(tiled, out, exit_on_failure=False)

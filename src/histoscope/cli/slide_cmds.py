@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from histoscope.cli.errors import BATCH_FAILED, check_mpp, one_of
-from histoscope.cli.executor_opts import AddressOpt, ExecutorOpt, gpus_per_task
+from histoscope.cli.executor_opts import AddressOpt, ExecutorOpt, gpus_per_task, ray_or_none
 
 __all__ = ["register"]
 
@@ -44,16 +44,9 @@ def train(
         config.out_dir = str(out)
     if device is not None:
         config.device = device
-    if executor == "local":  # folds one after another in this process, with per-epoch lines
-        if address is not None:
-            raise ValueError("--address is for --executor ray; drop it or add --executor ray")
-        results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
-    else:  # folds as parallel Ray tasks; a private head gets one CPU per fold
-        from histoscope.pipeline import open_executor
-
-        with open_executor(executor, workers=config.folds, address=address,
-                           gpus_per_task=gpus_per_task(config.device)) as runner:
-            results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo, executor=runner)
+    # local: folds one after another in this process; ray: parallel tasks (a private head: a CPU per fold)
+    with ray_or_none(executor, workers=config.folds, address=address, devices=config.device) as runner:
+        results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo, executor=runner)
     pooled = results["pooled"]
     typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")
     for name, entry in pooled["metrics"].items():
