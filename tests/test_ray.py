@@ -50,7 +50,7 @@ def cohort(tmp_path_factory):
     """Three slides, tiled and embedded by the local executor (the reference)."""
     root = tmp_path_factory.mktemp("ray")
     for i, name in enumerate(SLIDES):
-        make_sample_slide(root / "slides" / f"{name}.svs", width=2048 + 512 * i, height=1536, mpp=0.25, seed=70 + i)
+        make_sample_slide(root / "slides" / f"{name}.svs", width=1536 + 512 * i, height=1024, mpp=0.25, seed=70 + i)
     local = root / "local"
     assert tile_slides([root / "slides"], out_dir=local, executor=LocalExecutor(workers=0), progress=False).ok
     assert embed_slides([root / "slides"], out_dir=local, params=_embed_params(), progress=False).ok
