@@ -5,4 +5,12 @@
 # like every other dependency, from the package index pip is configured with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --disable-pip-version-check -q -e ".[dev]"
+python -m pip install --disable-pip-version-check -q -e ".[dev,serve,serve-test]"
+# The viewer's browser test drives Debian's Chromium (no browser download at test time).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "install.sh: chromium is missing (apt-get install chromium as root); the viewer's browser test will be skipped" >&2
+    fi
+fi

@@ -1,0 +1,169 @@
+"""What the server may show: the slides under its roots and a run's outputs under OUT.
+
+Nothing a request says is ever turned into a path. Slides are found by walking the
+``--slides`` roots once (symlinks are followed only when their target stays inside
+the root), and a request's slide id is looked up in that table; output files are
+the stages' own path functions of a known slide id, read only when their resolved
+path stays inside OUT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from histoscope.io.slide import Slide
+from histoscope.pipeline.inputs import SLIDE_SUFFIXES, slide_name
+
+__all__ = ["Catalog", "SlideEntry", "inside"]
+
+log = logging.getLogger(__name__)
+
+# Slides found per root at most: a root pointed at "/" must not walk the whole disk.
+MAX_SLIDES = 100_000
+_SUFFIXES = tuple(SLIDE_SUFFIXES)
+
+
+def inside(root: Path, path: Path) -> Path | None:
+    """``path`` resolved, if it exists and stays inside ``root`` (resolved); else None."""
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        return None
+    return resolved if resolved.is_relative_to(root.resolve()) else None
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    slide_id: str
+    path: Path  # resolved, inside ``root``
+    root: Path
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Slide files (and DICOM/MIRAX folders' files) under ``root``, without leaving it."""
+    root = root.resolve()
+    count = 0
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or not name.lower().endswith(_SUFFIXES):
+                continue
+            resolved = inside(root, Path(folder) / name)
+            if resolved is None or not resolved.is_file():
+                log.warning("skipping %s: it resolves outside the slide root %s", Path(folder) / name, root)
+                continue
+            yield resolved
+            count += 1
+            if count >= MAX_SLIDES:
+                return
+
+
+class _HandlePool:
+    """Up to ``size`` open readers of one slide, each used by one thread at a time."""
+
+    def __init__(self, opener, size: int):
+        self._opener, self._size = opener, size
+        self._idle: queue.LifoQueue[Slide] = queue.LifoQueue()
+        self._created = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Slide]:
+        try:
+            slide = self._idle.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                create = self._created < self._size
+                self._created += create
+            slide = self._opener() if create else self._idle.get()
+        try:
+            yield slide
+        finally:
+            self._idle.put(slide)
+
+
+class Catalog:
+    """Slides by id, their metadata, and the outputs of OUT that belong to them."""
+
+    def __init__(self, out_dir: str | Path, slide_roots: Sequence[str | Path], *, handles_per_slide: int = 4):
+        self.out_dir = Path(out_dir).resolve()
+        self.roots = [Path(root).resolve() for root in slide_roots]
+        self.handles_per_slide = handles_per_slide
+        self._pools: dict[str, _HandlePool] = {}
+        self._info: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.slides: dict[str, SlideEntry] = {}
+        for root in self.roots:
+            for path in _walk(root):
+                slide_id = slide_name(path)
+                if slide_id in self.slides:
+                    log.warning("%s: slide id %r already taken by %s; skipped", path, slide_id,
+                                self.slides[slide_id].path)
+                    continue
+                self.slides[slide_id] = SlideEntry(slide_id, path, root)
+
+    def entry(self, slide_id: str) -> SlideEntry:
+        """The slide called ``slide_id``; KeyError if there is none."""
+        return self.slides[slide_id]
+
+    @contextlib.contextmanager
+    def open(self, slide_id: str) -> Iterator[Slide]:
+        """An open reader of the slide, for this thread alone while the block runs."""
+        entry = self.entry(slide_id)
+        with self._lock:
+            pool = self._pools.get(slide_id)
+            if pool is None:
+                from histoscope.io import open_slide
+
+                pool = self._pools[slide_id] = _HandlePool(lambda: open_slide(entry.path), self.handles_per_slide)
+        with pool.lease() as slide:
+            yield slide
+
+    def info(self, slide_id: str) -> dict[str, Any]:
+        """Metadata of one slide (cached): size, resolution, levels, reader; ``error`` if unreadable."""
+        cached = self._info.get(slide_id)
+        if cached is not None:
+            return cached
+        entry = self.entry(slide_id)
+        try:
+            with self.open(slide_id) as slide:
+                info = {
+                    "slide_id": slide_id, "width": slide.dimensions[0], "height": slide.dimensions[1],
+                    "mpp": slide.metadata_mpp, "backend": slide.backend, "vendor": slide.vendor,
+                    "levels": [{"width": l.width, "height": l.height, "downsample": l.downsample}
+                               for l in slide.levels],
+                }
+        except Exception as error:  # one unreadable slide is listed with its error, never fatal
+            info = {"slide_id": slide_id, "error": f"{type(error).__name__}: {error}".replace(str(entry.root), "")}
+        self._info[slide_id] = info
+        return info
+
+    def mtime_tag(self, slide_id: str) -> str:
+        """Changes when the slide file changes (size and modification time): part of tile ETags."""
+        stat = self.entry(slide_id).path.stat()
+        return f"{stat.st_size:x}-{stat.st_mtime_ns:x}"
+
+    def output(self, path: Path) -> Path | None:
+        """``path`` (an output path of OUT) resolved, if it is a file inside OUT."""
+        resolved = inside(self.out_dir, path)
+        return resolved if resolved is not None and resolved.is_file() else None
+
+    def output_dirs(self) -> list[Path]:
+        """OUT and its immediate subfolders (prediction and report runs written beside the tiles)."""
+        found = [self.out_dir]
+        with contextlib.suppress(OSError):
+            for child in sorted(self.out_dir.iterdir()):
+                if child.name.startswith(".") or not child.is_dir():
+                    continue
+                resolved = inside(self.out_dir, child)
+                if resolved is not None:
+                    found.append(resolved)
+        return found
