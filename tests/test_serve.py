@@ -473,3 +473,114 @@ def test_fuzz_every_path_parameter(live, client):
     assert len(templates) >= 10
     for template, names in templates.items():
         _fuzz_route(live, template, names)
+
+
+# ---- the viewer in a real browser ---------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tissue_fraction(rgb: np.ndarray) -> float:
+    """H&E: red and blue well above green."""
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    return float(((r > g + 25) & (b > g + 25)).mean())
+
+
+def _jet_fraction(rgb: np.ndarray) -> float:
+    """Colours of jet's middle and top (green, yellow, orange, red) over tissue or glass: blue well below
+    green or red."""
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    return float(((g > b + 40) | (r > b + 80)).mean())
+
+
+def test_viewer_in_headless_chromium(site, tmp_path, histoscope_cli):
+    """The viewer at /?slide=ID&token=…: tiles drawn, zoomed, heatmap toggled on; the screenshots show
+    H&E tissue, then jet colours running from blue on the left to red on the right (scores rise with x)."""
+    import shutil
+    import subprocess
+    import urllib.request
+
+    if not os.path.exists(CHROMIUM) and not shutil.which("chromium"):
+        pytest.skip("Debian's chromium is not installed (scripts/install.sh installs it)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    port = _free_port()
+    server = subprocess.Popen(histoscope_cli("serve", str(site["out"]), "--slides", str(site["slides"]), "--port",
+                                             str(port), "--token", TOKEN),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(base + "/", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=shutil.which("chromium") or CHROMIUM, headless=True,
+                args=CHROMIUM_FLAGS, viewport={"width": 1200, "height": 700})
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                page.goto(f"{base}/?slide=sample&token={TOKEN}")
+
+                def settled(action=None):
+                    page.evaluate("document.body.dataset.settled = '0'")
+                    if action:
+                        action()
+                    page.wait_for_selector("body[data-settled='1']", timeout=45_000)
+
+                settled()
+                viewer = page.locator("#viewer")
+
+                def shot(name):
+                    from PIL import Image
+
+                    path = tmp_path / name
+                    viewer.screenshot(path=str(path))
+                    return np.asarray(Image.open(path).convert("RGB"))
+
+                whole = shot("whole.png")
+                assert _tissue_fraction(whole) > 0.1
+                settled(lambda: page.evaluate("hsViewer.viewport.zoomBy(2); hsViewer.viewport.applyConstraints()"))
+                zoomed = shot("zoomed.png")
+                assert _tissue_fraction(zoomed) > 0.1
+                assert page.evaluate("hsViewer.viewport.getZoom()") > 1.5
+                r, g, b = (zoomed[..., i].astype(int) for i in range(3))
+                contour = (g > 120) & (r < 60) & (b < 60)  # the tissue contours, drawn in green
+                assert contour.mean() > 0.0005
+                page.uncheck("#show-tissue")  # redrawn at once: the colours below are the images' alone
+                plain = shot("plain.png")
+                r, g, b = (plain[..., i].astype(int) for i in range(3))
+                assert ((g > 120) & (r < 60) & (b < 60)).mean() < contour.mean() / 10
+                assert _jet_fraction(plain) < 0.01
+                settled(lambda: page.check("#show-heatmap"))
+                heat = shot("heatmap.png")
+                assert _jet_fraction(heat) > 0.2
+                r, b = heat[..., 0].astype(int), heat[..., 2].astype(int)
+                half = heat.shape[1] // 2
+                assert (r - b)[:, half:].mean() > (r - b)[:, :half].mean() + 30  # red right, blue left
+                settled(lambda: page.uncheck("#show-heatmap"))
+                assert _jet_fraction(shot("off.png")) < 0.01
+                assert page.locator("#report").inner_text() == "Invasive carcinoma; margins clear."
+                assert page.locator("#gallery img").count() == 8
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)

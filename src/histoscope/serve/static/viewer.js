@@ -97,11 +97,12 @@
     state.heatmapItem = null; settle();
   }
   function showHeatmap() {
-    removeHeatmap();
     const chosen = state.heatmaps[$("heatmap-select").selectedIndex];
-    if (!$("show-heatmap").checked || !chosen || !state.info) return;
+    const wanted = $("show-heatmap").checked && chosen && state.info;
+    if (wanted) state.pending++;  // before removing the old one: never "settled" in between
+    removeHeatmap();
+    if (!wanted) return;
     const p = chosen.placement, W = state.info.width;
-    state.pending++;
     viewer.addTiledImage({
       tileSource: { type: "image", url: url(chosen.url, { cmap: $("heatmap-cmap").value }), buildPyramid: false },
       x: p.x / W, y: p.y / W, width: p.width / W, opacity: Number($("heatmap-opacity").value),
@@ -138,6 +139,7 @@
 
   async function openSlide(id) {
     state.slide = id; state.tissue = state.grid = null; state.heatmaps = []; state.heatmapItem = null;
+    history_.length = 0;
     for (const li of $("slide-list").children) li.classList.toggle("active", li.dataset.id === id);
     const next = new URLSearchParams(location.search); next.set("slide", id);
     history.replaceState(null, "", "?" + next.toString());
