@@ -201,6 +201,8 @@ def test_tile_caching_and_errors(client):
     again = client.get("/dzi/sample_files/11/2_2.jpg", headers={"If-None-Match": first.headers["etag"]})
     assert again.status_code == 304 and not again.content
     assert client.get("/dzi/sample_files/11/2_2.png").headers["etag"] != first.headers["etag"]
+    tiles = client.app.app.state.tiles
+    assert 0 < tiles.cache.used <= tiles.cache.max_bytes and 0 < tiles.stored.used <= tiles.stored.max_bytes
     assert client.get("/dzi/sample_files/13/0_0.jpeg").status_code == 404  # no level 13
     assert client.get("/dzi/sample_files/11/99_0.jpeg").status_code == 404
     assert client.get("/dzi/sample_files/11/0_0.gif").status_code == 422
@@ -220,6 +222,24 @@ def test_byte_lru_is_bounded_and_lru():
     assert cache.get(7) is not None and cache.get(8) is None  # 8 was the least recently used
     cache.put("huge", bytes(101))
     assert cache.get("huge") is None
+
+
+def test_open_slides_are_bounded(tmp_path):
+    """Readers of at most ``open_slides`` slides stay open; a dropped slide's readers are closed."""
+    from histoscope.serve.catalog import Catalog
+
+    for i in range(3):
+        make_sample_slide(tmp_path / f"s{i}.tiff", width=512, height=384, mpp=0.5, kind="tiff", downsamples=(1,), seed=i)
+    catalog = Catalog(tmp_path, [tmp_path], handles_per_slide=2, open_slides=2)
+    readers = {}
+    for slide_id in ["s0", "s1", "s0", "s2"]:
+        with catalog.open(slide_id) as slide:
+            slide.read_region((0, 0), 0, (8, 8))
+            readers[slide_id] = slide
+    assert list(catalog._pools) == ["s0", "s2"]  # s1 was the least recently used
+    assert readers["s1"]._fd is None and readers["s0"]._fd is not None
+    with catalog.open("s0") as first, catalog.open("s0") as second:
+        assert first is not second  # two threads never share a reader
 
 
 # ---- the API over a run's outputs -----------------------------------------------------------------

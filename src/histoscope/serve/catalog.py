@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class _HandlePool:
         self._idle: queue.LifoQueue[Slide] = queue.LifoQueue()
         self._created = 0
         self._lock = threading.Lock()
+        self.closed = False
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Slide]:
@@ -87,17 +89,33 @@ class _HandlePool:
         try:
             yield slide
         finally:
-            self._idle.put(slide)
+            if self.closed:  # dropped while in use: its last user closes it
+                slide.close()
+            else:
+                self._idle.put(slide)
+
+    def close(self) -> None:
+        """Close the idle readers now and the busy ones when they come back."""
+        self.closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 class Catalog:
     """Slides by id, their metadata, and the outputs of OUT that belong to them."""
 
-    def __init__(self, out_dir: str | Path, slide_roots: Sequence[str | Path], *, handles_per_slide: int = 4):
+    def __init__(self, out_dir: str | Path, slide_roots: Sequence[str | Path], *, handles_per_slide: int = 3,
+                 open_slides: int = 4):
         self.out_dir = Path(out_dir).resolve()
         self.roots = [Path(root).resolve() for root in slide_roots]
         self.handles_per_slide = handles_per_slide
-        self._pools: dict[str, _HandlePool] = {}
+        # Slides kept open, least recently used first: each reader holds its own cache of
+        # decoded tiles, so memory is bounded by open_slides x handles_per_slide readers.
+        self.open_slides = open_slides
+        self._pools: OrderedDict[str, _HandlePool] = OrderedDict()
         self._info: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.slides: dict[str, SlideEntry] = {}
@@ -124,6 +142,9 @@ class Catalog:
                 from histoscope.io import open_slide
 
                 pool = self._pools[slide_id] = _HandlePool(lambda: open_slide(entry.path), self.handles_per_slide)
+                while len(self._pools) > self.open_slides:
+                    self._pools.popitem(last=False)[1].close()
+            self._pools.move_to_end(slide_id)
         with pool.lease() as slide:
             yield slide
 

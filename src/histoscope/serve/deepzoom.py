@@ -15,6 +15,7 @@ level 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -92,11 +93,14 @@ class DeepZoomGeometry:
         return TileBox(x0, y0, x1 - x0, y1 - y0)
 
 
-def read_dz_tile(slide: Slide, geometry: DeepZoomGeometry, level: int, col: int, row: int) -> np.ndarray:
+def read_dz_tile(slide: Slide, geometry: DeepZoomGeometry, level: int, col: int, row: int, *,
+                 read: Callable[[int, int, int, int, int], np.ndarray] | None = None) -> np.ndarray:
     """(h, w, 3) uint8 pixels of one Deep Zoom tile of ``slide``.
 
     Read from the coarsest pyramid level whose downsample does not exceed the Deep Zoom
-    level's; shrunk by area averaging when that pyramid level is finer.
+    level's; shrunk by area averaging when that pyramid level is finer. ``read(level, x,
+    y, width, height)`` reads an in-bounds rectangle of a pyramid level (default: the
+    slide's own reader).
     """
     import cv2
 
@@ -113,7 +117,8 @@ def read_dz_tile(slide: Slide, geometry: DeepZoomGeometry, level: int, col: int,
     sx1 = min(lvl.width, int(math.ceil((box.x + box.width) * scale)))
     sy1 = min(lvl.height, int(math.ceil((box.y + box.height) * scale)))
     sx0, sy0 = min(sx0, lvl.width - 1), min(sy0, lvl.height - 1)
-    region = slide._read_level_clipped(source, sx0, sy0, max(1, sx1 - sx0), max(1, sy1 - sy0))
+    read = read or slide._read_level_clipped
+    region = read(source, sx0, sy0, max(1, sx1 - sx0), max(1, sy1 - sy0))
     if region.shape[:2] != (box.height, box.width):
         region = cv2.resize(region, (box.width, box.height), interpolation=cv2.INTER_AREA)
     return region
