@@ -332,6 +332,41 @@ def test_report_and_chat_hook(client, site):
     assert with_chat.post("/api/slides/sample/chat", json={"question": ""}).status_code == 422
 
 
+def test_chat_backend_feeds_the_slides_features(site, monkeypatch, tmp_path):
+    """--chat RUN: the assistant gets the slide's features file from OUT and the conversation's questions in
+    order (greedy decoding replays the earlier answers); without a chat package, a clear error."""
+    import sys
+    import types
+
+    from histoscope.io.features_h5 import features_folder, features_path, write_features
+    from histoscope.serve.chat import ChatUnavailable, load_chat_backend
+
+    out = tmp_path / "out"
+    write_features(features_path(features_folder(out, "uni"), "sample"), np.zeros((2, 4), np.float32),
+                   np.zeros((2, 2), np.int64))
+    calls = []
+
+    class Assistant:  # the language package's interface: Assistant.load(run, device=...).ask(image, questions)
+        @classmethod
+        def load(cls, run, *, device):
+            calls.append(("load", str(run), str(device)))
+            return cls()
+
+        def ask(self, image, questions):
+            calls.append(("ask", Path(image).name, list(questions)))
+            return [f"answer {i}" for i in range(len(questions))]
+
+    monkeypatch.setitem(sys.modules, "histoscope.language.chat", types.SimpleNamespace(Assistant=Assistant))
+    chat = load_chat_backend(tmp_path / "run", out, device="cpu")
+    assert chat("sample", "Margins?", [("Diagnosis?", "carcinoma")]) == "answer 1"
+    assert calls == [("load", str(tmp_path / "run"), "cpu"), ("ask", "sample.h5", ["Diagnosis?", "Margins?"])]
+    with pytest.raises(ChatUnavailable, match="no features file"):
+        chat("other", "Diagnosis?", [])
+    monkeypatch.setitem(sys.modules, "histoscope.language.chat", None)  # import fails
+    with pytest.raises(RuntimeError, match="no chat models"):
+        load_chat_backend(tmp_path / "run", out)
+
+
 # ---- the guard ----------------------------------------------------------------------------------
 
 TRAVERSALS = [

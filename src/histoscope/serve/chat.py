@@ -10,6 +10,7 @@ train-chat`` and the slide's features in OUT, through the language package's ass
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +37,13 @@ def _features_file(out_dir: Path, slide_id: str, encoder: str | None) -> Path:
 
 def load_chat_backend(run: str | Path, out_dir: str | Path, *, encoder: str | None = None,
                       device: str = "auto") -> ChatBackend:
-    """A chat backend over the assistant trained in ``run``, fed each slide's features from OUT.
+    """A chat backend over the assistant trained in ``run``, fed each slide's features from OUT
+    (``OUT/features_<encoder>/<slide>.h5``; without ``encoder``, the first features folder that has
+    the slide).
+
+    The assistant decodes greedily, so replaying the earlier questions of a conversation gives
+    the answers it gave them; the conversation is asked again with the new question last. One
+    question is answered at a time.
 
     Raises
     ------
@@ -48,11 +55,15 @@ def load_chat_backend(run: str | Path, out_dir: str | Path, *, encoder: str | No
     except ImportError:
         raise RuntimeError(f"{run}: this histoscope has no chat models (histoscope.language.chat); install a "
                            "version with histoscope train-chat, or start serve without --chat") from None
-    assistant = Assistant.load(run, device=device)
+    from histoscope.utils.device import resolve_device
+
+    assistant = Assistant.load(run, device=resolve_device(device))
     out_dir = Path(out_dir)
+    lock = threading.Lock()
 
     def answer(slide_id: str, question: str, history: list[tuple[str, str]]) -> str:
         features = _features_file(out_dir, slide_id, encoder)
-        return assistant.ask([question], features=features, history=history)[0]
+        with lock:
+            return assistant.ask(features, [q for q, _ in history] + [question])[-1]
 
     return answer
