@@ -1,6 +1,6 @@
 """Deep Zoom tile latency of `histoscope serve` against OpenSlide's DeepZoomGenerator, in the same run.
 
-Usage: python benchmarks/bench_serve.py [--size 16384] [--tiles-per-level 144] [--clients 8]
+Usage: python benchmarks/bench_serve.py [--size 16384] [--tiles-per-level 144] [--clients 8] [--rounds 3]
                                         [--cache benchmarks/.cache]
 
 Both servers run in their own process on loopback, with the same stack (FastAPI + uvicorn, tiles
@@ -23,7 +23,10 @@ workloads, each on freshly started servers:
 
 Every tile is asked for once ("cold": nothing comes from histoscope's encoded-tile cache); then
 the viewer list is asked for again ("revisit", a viewer panning back): histoscope answers from
-its cache, DeepZoomGenerator makes the tiles again. Latency is per request, measured by the client.
+its cache, DeepZoomGenerator makes the tiles again. Latency is per request, measured by the client,
+pooled over --rounds rounds (new tiles each round; the servers take turns, so a busy spell of a
+shared machine falls on both); the server's CPU time per tile (user + system, all its threads) is
+what the tile costs whatever else runs on the machine.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / ".cache")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of both servers in turn (pooled)")
     parser.add_argument("--serve", choices=["histoscope", "openslide"], help=argparse.SUPPRESS)
     parser.add_argument("--slide", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -163,69 +167,94 @@ def main() -> None:
     slide_path.read_bytes()  # into the page cache, for both servers alike
 
     geometry = DeepZoomGeometry(width, height)
-    rng = random.Random(args.seed)
     top = geometry.level_count - 1
     levels = [top, top - 1, top - 2, top - 3]
-
-    def url(level, col, row):
-        return level, f"/dzi/{slide_path.stem}_files/{level}/{col}_{row}.jpeg"
-
-    screens = []
-    for level in levels:
-        cols, rows = geometry.level_tiles(level)
-        for _ in range(max(1, args.tiles_per_level // 12)):
-            c0, r0 = rng.randrange(max(1, cols - 3)), rng.randrange(max(1, rows - 2))
-            screens.append([url(level, c, r) for r in range(r0, min(rows, r0 + 3)) for c in range(c0, min(cols, c0 + 4))])
-    rng.shuffle(screens)
-    viewer = list(dict.fromkeys(t for screen in screens for t in screen))  # each tile once
-    scattered = []
-    for level in levels:
-        cols, rows = geometry.level_tiles(level)
-        addresses = rng.sample([(c, r) for c in range(cols) for r in range(rows)], min(args.tiles_per_level, cols * rows))
-        scattered += [url(level, c, r) for c, r in addresses]
-    rng.shuffle(scattered)
     cols, rows = geometry.level_tiles(top - 4)
-    warmup = [url(top - 4, c, r) for c in range(cols) for r in range(rows)][:8]  # tiles no workload asks for
+    warmup = [_url(slide_path, top - 4, c, r) for c in range(cols) for r in range(rows)][:8]  # asked by no workload
 
-    results = {}
-    for workload, tiles in (("viewer", viewer), ("scattered", scattered)):
-        urls = [path for _, path in tiles]
-        for kind in ("openslide", "histoscope"):
-            proc, port = _start(kind, slide_path)
-            try:
-                _run_clients(port, [path for _, path in warmup] * 2, args.clients)  # imports, thread pool, decoders
-                start = time.perf_counter()
-                cold = _run_clients(port, urls, args.clients)
-                results[kind, workload] = (cold, len(urls) / (time.perf_counter() - start))
-                if workload == "viewer":
-                    start = time.perf_counter()
-                    revisit = _run_clients(port, urls, args.clients)
-                    results[kind, "revisit"] = (revisit, len(urls) / (time.perf_counter() - start))
-            finally:
-                proc.terminate()
-                proc.wait(30)
+    # (kind, workload) -> pooled latencies (ms), levels, wall seconds, server CPU seconds
+    results: dict[tuple[str, str], list] = {}
+    for round_ in range(args.rounds):
+        rng = random.Random(args.seed + round_)
+        workloads = _workloads(geometry, slide_path, levels, args.tiles_per_level, rng)
+        for workload, tiles in workloads.items():
+            urls = [path for _, path in tiles]
+            kinds = ("openslide", "histoscope") if round_ % 2 == 0 else ("histoscope", "openslide")
+            for kind in kinds:
+                proc, port = _start(kind, slide_path)
+                try:
+                    _run_clients(port, [path for _, path in warmup] * 2, args.clients)  # imports, pool, decoders
+                    passes = [workload, "revisit"] if workload == "viewer" else [workload]
+                    for name in passes:
+                        cpu, start = _cpu_seconds(proc.pid), time.perf_counter()
+                        latencies = _run_clients(port, urls, args.clients)
+                        entry = results.setdefault((kind, name), [[], [], 0.0, 0.0])
+                        entry[0].append(latencies)
+                        entry[1].append(np.array([level for level, _ in tiles]))
+                        entry[2] += time.perf_counter() - start
+                        entry[3] += _cpu_seconds(proc.pid) - cpu
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
+    counts = {name: sum(len(lat) for lat in results["histoscope", name][0]) for name in ("viewer", "scattered")}
     print(f"\n{width} x {height} px SVS (levels 1, 4, 16), Deep Zoom levels {levels}, {args.clients} concurrent "
-          f"clients; viewer: {len(viewer)} tiles in {len(screens)} screens, scattered: {len(scattered)} tiles\n")
-    print("| workload | server | p50 (ms) | p95 (ms) | tiles/s | p95: OpenSlide / histoscope |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
-    for workload in ("viewer", "scattered", "revisit"):
-        base = np.percentile(results["openslide", workload][0], 95)
-        for kind, name in (("openslide", "OpenSlide DeepZoomGenerator"), ("histoscope", "histoscope serve")):
-            lat, rate = results[kind, workload]
-            p95 = np.percentile(lat, 95)
-            ratio = "baseline" if kind == "openslide" else f"{base / p95:.2f}×"
-            print(f"| {workload} | {name} | {np.percentile(lat, 50):.1f} | {p95:.1f} | {rate:.0f} | {ratio} |")
+          f"clients, {args.rounds} rounds (servers in turn, fresh for each workload); {counts['viewer']} viewer "
+          f"tiles in screens of 4 x 3, {counts['scattered']} scattered tiles\n")
+    print("| workload | server | p50 (ms) | p95 (ms) | tiles/s | server CPU ms/tile | p95: OpenSlide / histoscope "
+          "| CPU/tile: OpenSlide / histoscope |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in ("viewer", "scattered", "revisit"):
+        figures = {}
+        for kind in ("openslide", "histoscope"):
+            lat, _, wall, cpu = results[kind, name]
+            lat = np.concatenate(lat)
+            figures[kind] = (np.percentile(lat, 50), np.percentile(lat, 95), len(lat) / wall, cpu / len(lat) * 1000)
+        for kind, label in (("openslide", "OpenSlide DeepZoomGenerator"), ("histoscope", "histoscope serve")):
+            p50, p95, rate, cpu = figures[kind]
+            ratios = ("baseline", "baseline") if kind == "openslide" else (
+                f"{figures['openslide'][1] / p95:.2f}×", f"{figures['openslide'][3] / cpu:.2f}×")
+            print(f"| {name} | {label} | {p50:.1f} | {p95:.1f} | {rate:.0f} | {cpu:.1f} | {ratios[0]} | {ratios[1]} |")
     print("\np95 (ms) per Deep Zoom level, cold viewer workload:\n")
     print("| level | read from | OpenSlide | histoscope | ratio |")
     print("| ---: | --- | ---: | ---: | ---: |")
     sources = {top: "level 0", top - 1: "level 0, shrunk 2×", top - 2: "level 1 (4×)", top - 3: "level 1, shrunk 2×"}
-    level_of = np.array([level for level, _ in viewer])
+    pooled = {kind: (np.concatenate(results[kind, "viewer"][0]), np.concatenate(results[kind, "viewer"][1]))
+              for kind in ("openslide", "histoscope")}
     for level in levels:
-        mask = level_of == level
-        a = np.percentile(results["openslide", "viewer"][0][mask], 95)
-        b = np.percentile(results["histoscope", "viewer"][0][mask], 95)
+        a = np.percentile(pooled["openslide"][0][pooled["openslide"][1] == level], 95)
+        b = np.percentile(pooled["histoscope"][0][pooled["histoscope"][1] == level], 95)
         print(f"| {level} | {sources[level]} | {a:.1f} | {b:.1f} | {a / b:.2f}× |")
+
+
+def _url(slide_path: Path, level: int, col: int, row: int) -> tuple[int, str]:
+    return level, f"/dzi/{slide_path.stem}_files/{level}/{col}_{row}.jpeg"
+
+
+def _workloads(geometry, slide_path: Path, levels: list[int], per_level: int, rng: random.Random) -> dict:
+    """``viewer``: screens of 4 x 3 adjacent tiles, shuffled, each tile once; ``scattered``: single tiles."""
+    screens = []
+    for level in levels:
+        cols, rows = geometry.level_tiles(level)
+        for _ in range(max(1, per_level // 12)):
+            c0, r0 = rng.randrange(max(1, cols - 3)), rng.randrange(max(1, rows - 2))
+            screens.append([_url(slide_path, level, c, r)
+                            for r in range(r0, min(rows, r0 + 3)) for c in range(c0, min(cols, c0 + 4))])
+    rng.shuffle(screens)
+    scattered = []
+    for level in levels:
+        cols, rows = geometry.level_tiles(level)
+        addresses = rng.sample([(c, r) for c in range(cols) for r in range(rows)], min(per_level, cols * rows))
+        scattered += [_url(slide_path, level, c, r) for c, r in addresses]
+    rng.shuffle(scattered)
+    return {"viewer": list(dict.fromkeys(t for screen in screens for t in screen)), "scattered": scattered}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 if __name__ == "__main__":
     main()

@@ -298,6 +298,14 @@ def test_heatmap_colours_and_top_tiles(client, site):
     region = client.get("/api/slides/sample/region.jpeg", params={"x": t["x"], "y": t["y"], "size": int(t["size"]),
                                                                   "out": 64})
     assert region.status_code == 200 and _decode(region.content).shape == (64, 64, 3)
+    with open_slide(site["slides"] / "sample.svs") as slide:  # the same square, read and shrunk here
+        import cv2
+
+        square = slide.read_region((t["x"], t["y"]), 0, (int(t["size"]),) * 2)
+        expected = cv2.resize(square, (64, 64), interpolation=cv2.INTER_AREA)
+    assert np.abs(_decode(region.content).astype(int) - expected.astype(int)).mean() < 8  # JPEG q85
+    # a square the pyramid has no level coarse enough for (16384 px to read at level 1) is refused, not read
+    assert client.get("/api/slides/sample/region.jpeg", params={"x": 0, "y": 0, "size": 65536, "out": 16}).status_code == 422
     assert client.get("/api/slides/sample/topk", params={"run": "nope"}).status_code == 404
 
 

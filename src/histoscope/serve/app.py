@@ -45,6 +45,7 @@ STATIC_FILES = {
     "openseadragon.LICENSE.txt": "text/plain",
 }
 _TILE_CACHE = "private, max-age=86400"
+_REGION_READ_MAX = 4096  # px read at a pyramid level for one /region.jpeg
 _API_CACHE = "no-cache"
 
 
@@ -229,8 +230,11 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
 
         with catalog.open(slide_id) as slide:
             level = slide.best_level_for_downsample(size / out)
-            d = slide.levels[level].downsample
-            pixels = slide.read_region((x, y), level, (max(1, round(size / d)),) * 2)
+            read = max(1, round(size / slide.levels[level].downsample))
+            if read > _REGION_READ_MAX:  # a pyramid too shallow for this square: refuse, never read gigapixels
+                raise HTTPException(422, f"a {size}-px square needs {read} px read from the nearest level; "
+                                         f"ask for at most {_REGION_READ_MAX * size // read} px")
+            pixels = slide.read_region((x, y), level, (read, read))
         pixels = cv2.resize(pixels, (out, out), interpolation=cv2.INTER_AREA)
         return cached(request, encode_tile(pixels, "jpeg", quality=85), "image/jpeg",
                       tiles.etag(slide_id, "region", x, y, size, out))
