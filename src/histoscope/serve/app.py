@@ -24,6 +24,7 @@ import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -131,11 +132,13 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
             return Response(status_code=304, headers=headers)
         return Response(body, media_type=media_type, headers=headers)
 
-    def scores_of(slide_id: str, run: str) -> overlays.TileScores:
+    def scores_of(slide_id: str, run: str, score: str) -> overlays.TileScores:
         known(slide_id)
         scores = overlays.tile_scores(catalog, slide_id, run)
         if scores is None:
             raise HTTPException(404, f"no tile scores of slide {slide_id!r} in prediction run {run!r}")
+        if score not in scores.scores:
+            raise HTTPException(404, f"run {run!r} has no score column {score!r}; it has {sorted(scores.scores)}")
         return scores
 
     @app.get("/", include_in_schema=False)
@@ -164,7 +167,7 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
             "report": overlays.slide_report(catalog, slide_id) is not None,
             "chat": chat is not None,
         }
-        return {**info, "dzi": f"/dzi/{slide_id}.dzi", "outputs": outputs,
+        return {**info, "dzi": f"/dzi/{quote(slide_id, safe='')}.dzi", "outputs": outputs,
                 "predictions": overlays.slide_predictions(catalog, slide_id), "heatmaps": scores}
 
     @app.get("/api/slides/{slide_id}/tissue", summary="Tissue contours (GeoJSON FeatureCollection, level-0 px)")
@@ -190,17 +193,16 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
         for run in overlays.prediction_runs(catalog):
             scores = overlays.tile_scores(catalog, slide_id, run)
             for column in (scores.scores if scores else ()):
-                found.append({"run": run, "score": column, "url": f"/api/slides/{slide_id}/heatmaps/{run}/{column}.png",
-                              "placement": overlays.heatmap_image(scores, column, "jet")[1], "tiles": len(scores.coords)})
+                url = f"/api/slides/{quote(slide_id, safe='')}/heatmaps/{quote(run, safe='')}/{quote(column, safe='')}.png"
+                found.append({"run": run, "score": column, "url": url, "tiles": len(scores.coords),
+                              "placement": overlays.heatmap_placement(scores)})
         return found
 
     @app.get("/api/slides/{slide_id}/heatmaps/{run}/{score}.png", summary="One heatmap as an RGBA PNG",
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def heatmap(request: Request, slide_id: str, run: str, score: str,
                 cmap: Literal[overlays.CMAPS] = "jet") -> Response:  # type: ignore[valid-type]
-        scores = scores_of(slide_id, run)
-        if score not in scores.scores:
-            raise HTTPException(404, f"run {run!r} has no score column {score!r}; it has {sorted(scores.scores)}")
+        scores = scores_of(slide_id, run, score)
         image, placement = overlays.heatmap_image(scores, score, cmap)
         import imagecodecs
 
@@ -212,10 +214,7 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
     @app.get("/api/slides/{slide_id}/topk", summary="The k highest-scoring tiles of a prediction run")
     def topk(slide_id: str, run: str = Query(..., max_length=200), score: str = Query("score", max_length=200),
              k: int = Query(8, ge=1, le=64)) -> list[dict[str, Any]]:
-        scores = scores_of(slide_id, run)
-        if score not in scores.scores:
-            raise HTTPException(404, f"run {run!r} has no score column {score!r}; it has {sorted(scores.scores)}")
-        return overlays.top_tiles(scores, score, k)
+        return overlays.top_tiles(scores_of(slide_id, run, score), score, k)
 
     @app.get("/api/slides/{slide_id}/region.jpeg", summary="A square of the slide (level-0 px) as JPEG",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})

@@ -12,6 +12,7 @@ Notation: N tiles; coords are level-0 (x, y) of a tile's top-left corner.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from histoscope.serve.catalog import Catalog
 from histoscope.tiling.geometry import TileGeometry
 from histoscope.tiling.patches_h5 import find_patches, read_patches
 
-__all__ = ["CMAPS", "TileScores", "tile_grid", "prediction_runs", "tile_scores", "heatmap_image", "top_tiles",
+__all__ = ["CMAPS", "TileScores", "tile_grid", "prediction_runs", "tile_scores", "heatmap_image", "heatmap_placement", "top_tiles",
            "slide_report", "slide_predictions"]
 
 # Colour maps the viewer offers (matplotlib names); anything else is refused, not looked up.
@@ -86,6 +87,14 @@ def tile_scores(catalog: Catalog, slide_id: str, run: str) -> TileScores | None:
     path = catalog.output(folder / slide_id / "tile_scores.csv")
     if path is None:
         return None
+    stat = path.stat()
+    return _read_tile_scores(catalog, slide_id, folder, path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_tile_scores(catalog: Catalog, slide_id: str, folder: Path, path: Path, size: int,
+                      mtime_ns: int) -> TileScores | None:
+    """Parsed once per version of the file (size and modification time are part of the key)."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
@@ -102,16 +111,29 @@ def tile_scores(catalog: Catalog, slide_id: str, run: str) -> TileScores | None:
     return TileScores(coords, scores, _tile_size(catalog, slide_id, folder, coords))
 
 
+def _cells(scores: TileScores) -> tuple[np.ndarray, int, int, dict[str, float]]:
+    """Each tile's (col, row) cell of the heatmap grid (N, 2), the grid's columns and rows, and
+    its placement in level-0 px."""
+    step = scores.size_level0
+    origin = scores.coords.min(0)
+    cells = np.round((scores.coords - origin) / step).astype(np.int64)
+    cols, rows = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+    placement = {"x": float(origin[0]), "y": float(origin[1]), "width": cols * step, "height": rows * step}
+    return cells, cols, rows, placement
+
+
+def heatmap_placement(scores: TileScores) -> dict[str, float]:
+    """Where :func:`heatmap_image` goes on the slide: ``{x, y, width, height}`` in level-0 px."""
+    return _cells(scores)[3]
+
+
 def heatmap_image(scores: TileScores, column: str, cmap: str) -> tuple[np.ndarray, dict[str, float]]:
     """(h, w, 4) uint8 RGBA heatmap (transparent where no tile) and its placement in level-0 px.
 
     Each tile is one square of whole pixels coloured by its score's percentile within
     the slide (as ``histoscope predict``'s heatmap); tiles sharing a cell are averaged.
     """
-    step = scores.size_level0
-    origin = scores.coords.min(0)
-    cells = np.round((scores.coords - origin) / step).astype(np.int64)  # (N, 2) col, row
-    cols, rows = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+    cells, cols, rows, placement = _cells(scores)
     total = np.zeros((rows, cols))
     count = np.zeros((rows, cols))
     np.add.at(total, (cells[:, 1], cells[:, 0]), percentile_scores(scores.scores[column]))
@@ -122,7 +144,6 @@ def heatmap_image(scores: TileScores, column: str, cmap: str) -> tuple[np.ndarra
     image[covered, 3] = 255
     scale = max(1, _HEATMAP_SIDE // max(rows, cols))
     image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
-    placement = {"x": float(origin[0]), "y": float(origin[1]), "width": cols * step, "height": rows * step}
     return image, placement
 
 
