@@ -442,6 +442,8 @@ def test_serve_refuses_a_public_address_without_token(site):
 
     result = CliRunner().invoke(app, ["serve", str(site["out"]), "--slides", str(site["slides"]), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "--token" in result.output
+    missing = CliRunner().invoke(app, ["serve", str(site["base"] / "nope"), "--slides", str(site["slides"])])
+    assert missing.exit_code == 2 and "no such output folder" in missing.output
 
 
 def test_body_size_rate_limit_and_opaque_errors(site, monkeypatch):
@@ -641,6 +643,9 @@ def test_viewer_in_headless_chromium(site, tmp_path, histoscope_cli):
                 assert _jet_fraction(shot("off.png")) < 0.01
                 assert page.locator("#report").inner_text() == "Invasive carcinoma; margins clear."
                 assert page.locator("#gallery img").count() == 8
+                page.wait_for_function("[...document.querySelectorAll('#gallery img')]"
+                                       ".every(img => img.complete && img.naturalWidth === 128)", timeout=30_000)
+                assert page.locator("#chat-input").is_disabled()  # no --chat: the panel says how to get one
                 assert not errors, errors
             finally:
                 browser.close()

@@ -159,8 +159,9 @@
         `${esc(k)} = ${esc(typeof v === "number" ? v.toPrecision(3) : v)}`).join(", ")}</div>`).join("");
     $("report").textContent = "—";
     if (info.outputs.report) $("report").textContent = (await api(`/api/slides/${id_}/report`)).report;
-    $("chat").style.display = info.outputs.chat ? "" : "none";
-    $("chat-log").innerHTML = "";
+    $("chat-log").innerHTML = info.outputs.chat ? ""
+      : '<div class="err">no chat model: start histoscope serve with --chat RUN</div>';
+    $("chat-input").disabled = !info.outputs.chat;
     draw();
     if ($("show-heatmap").checked) showHeatmap();
     await loadGallery();
