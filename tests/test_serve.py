@@ -242,6 +242,55 @@ def test_open_slides_are_bounded(tmp_path):
         assert first is not second  # two threads never share a reader
 
 
+def test_new_changed_and_removed_slides(tmp_path):
+    """A listing walks the roots again: new slides appear, removed ones go; a rewritten file is reopened and its
+    new pixels served (no tile of the old file from any cache)."""
+    from fastapi.testclient import TestClient
+
+    make_sample_slide(tmp_path / "a.tiff", width=600, height=400, mpp=0.5, kind="tiff", downsamples=(1,), seed=1)
+    client = TestClient(create_app(tmp_path, [tmp_path], rate=0))
+    catalog = client.app.app.state.catalog
+    old_tile = client.get("/dzi/a_files/10/0_0.png").content
+    make_sample_slide(tmp_path / "b.tiff", width=300, height=200, mpp=0.5, kind="tiff", downsamples=(1,), seed=2)
+    time.sleep(0.01)
+    make_sample_slide(tmp_path / "a.tiff", width=800, height=500, mpp=0.5, kind="tiff", downsamples=(1,), seed=3)
+    catalog.refresh(min_interval=0)
+    assert [(s["slide_id"], s["width"]) for s in client.get("/api/slides").json()] == [("a", 800), ("b", 300)]
+    new_tile = _decode(client.get("/dzi/a_files/10/0_0.png").content)
+    with open_slide(tmp_path / "a.tiff") as slide:
+        np.testing.assert_array_equal(new_tile, slide.read_region((0, 0), 0, (255, 255)))
+    assert not np.array_equal(_decode(old_tile), new_tile)
+    (tmp_path / "b.tiff").unlink()
+    catalog.refresh(min_interval=0)
+    assert [s["slide_id"] for s in client.get("/api/slides").json()] == ["a"]
+    assert client.get("/dzi/b.dzi").status_code == 404
+
+
+def test_plain_image_and_openslide_readers(tmp_path, site):
+    """Tiles come through every reader: a PNG (no pyramid, no mpp) is its own pixels; OpenSlide's reader gives
+    the fast path's tiles at the levels the pyramid stores."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "roi.png")
+    client = TestClient(create_app(tmp_path, [tmp_path], rate=0))
+    [info] = client.get("/api/slides").json()
+    assert (info["slide_id"], info["width"], info["height"], info["mpp"]) == ("roi", 500, 300, None)
+    geometry = DeepZoomGeometry(500, 300)
+    top = geometry.level_count - 1
+    box = geometry.tile_box(top, 1, 1)
+    tile = _decode(client.get(f"/dzi/roi_files/{top}/1_1.png").content)
+    np.testing.assert_array_equal(tile, pixels[box.y:box.y + box.height, box.x:box.x + box.width])
+    geometry = DeepZoomGeometry(3000, 2200)
+    with open_slide(site["slides"] / "sample.svs", backend="openslide") as by_openslide, \
+            open_slide(site["slides"] / "sample.svs", backend="tiff") as by_tiff:
+        for level, col, row in [(12, 3, 2), (10, 1, 1), (10, 2, 2)]:
+            np.testing.assert_array_equal(read_dz_tile(by_openslide, geometry, level, col, row),
+                                          read_dz_tile(by_tiff, geometry, level, col, row))
+
+
 # ---- the API over a run's outputs -----------------------------------------------------------------
 
 def test_slide_list_and_detail(client, site):

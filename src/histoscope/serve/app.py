@@ -153,6 +153,7 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
 
     @app.get("/api/slides", response_model=list[SlideSummary], summary="Every slide under the slide roots")
     def list_slides(q: str = Query("", max_length=200, description="substring of the slide id")) -> list[dict]:
+        catalog.refresh()
         q = q.lower()
         return [catalog.info(slide_id) for slide_id in sorted(catalog.slides) if q in slide_id.lower()]
 

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Slides found per root at most: a root pointed at "/" must not walk the whole disk.
 MAX_SLIDES = 100_000
+# Seconds between two walks of the slide roots (a listing walks them again when older).
+RESCAN_SECONDS = 10.0
 _SUFFIXES = tuple(SLIDE_SUFFIXES)
 
 
@@ -116,17 +119,47 @@ class Catalog:
         # decoded tiles, so memory is bounded by open_slides x handles_per_slide readers.
         self.open_slides = open_slides
         self._pools: OrderedDict[str, _HandlePool] = OrderedDict()
-        self._info: dict[str, dict[str, Any]] = {}
+        self._info: dict[str, tuple[str, dict[str, Any]]] = {}  # slide id -> (file tag, metadata)
         self._lock = threading.Lock()
-        self.slides: dict[str, SlideEntry] = {}
+        self._scan_lock = threading.Lock()
+        self.slides: dict[str, SlideEntry] = self._scan(warn=True)
+        self._scanned = time.monotonic()
+
+    def _scan(self, *, warn: bool = False) -> dict[str, SlideEntry]:
+        slides: dict[str, SlideEntry] = {}
         for root in self.roots:
             for path in _walk(root):
                 slide_id = slide_name(path)
-                if slide_id in self.slides:
-                    log.warning("%s: slide id %r already taken by %s; skipped", path, slide_id,
-                                self.slides[slide_id].path)
+                if slide_id in slides:
+                    if warn:
+                        log.warning("%s: slide id %r already taken by %s; skipped", path, slide_id,
+                                    slides[slide_id].path)
                     continue
-                self.slides[slide_id] = SlideEntry(slide_id, path, root)
+                slides[slide_id] = SlideEntry(slide_id, path, root)
+        return slides
+
+    def refresh(self, *, min_interval: float = RESCAN_SECONDS) -> None:
+        """Walk the roots again (at most every ``min_interval`` s): slides written since appear,
+        removed ones go, and a slide whose file changed is reopened."""
+        if time.monotonic() - self._scanned < min_interval or not self._scan_lock.acquire(blocking=False):
+            return
+        try:
+            slides = self._scan()
+            for slide_id, entry in self.slides.items():
+                if slides.get(slide_id) != entry:
+                    self._forget(slide_id)
+            self.slides = slides
+            self._scanned = time.monotonic()
+        finally:
+            self._scan_lock.release()
+
+    def _forget(self, slide_id: str) -> None:
+        """Drop what is known of a slide and close its readers (the file is gone or changed)."""
+        self._info.pop(slide_id, None)
+        with self._lock:
+            pool = self._pools.pop(slide_id, None)
+        if pool is not None:
+            pool.close()
 
     def entry(self, slide_id: str) -> SlideEntry:
         """The slide called ``slide_id``; KeyError if there is none."""
@@ -149,11 +182,19 @@ class Catalog:
             yield slide
 
     def info(self, slide_id: str) -> dict[str, Any]:
-        """Metadata of one slide (cached): size, resolution, levels, reader; ``error`` if unreadable."""
-        cached = self._info.get(slide_id)
-        if cached is not None:
-            return cached
+        """Metadata of one slide: size, resolution, levels, reader; ``error`` if unreadable. Cached
+        while the file stays the same (a changed file is reopened)."""
         entry = self.entry(slide_id)
+        try:
+            tag = self.mtime_tag(slide_id)
+        except OSError:  # removed since the last scan
+            self._forget(slide_id)
+            return {"slide_id": slide_id, "error": "the slide file is gone"}
+        cached = self._info.get(slide_id)
+        if cached is not None and cached[0] == tag:
+            return cached[1]
+        if cached is not None:
+            self._forget(slide_id)
         try:
             with self.open(slide_id) as slide:
                 info = {
@@ -164,7 +205,7 @@ class Catalog:
                 }
         except Exception as error:  # one unreadable slide is listed with its error, never fatal
             info = {"slide_id": slide_id, "error": f"{type(error).__name__}: {error}".replace(str(entry.root), "")}
-        self._info[slide_id] = info
+        self._info[slide_id] = (tag, info)
         return info
 
     def mtime_tag(self, slide_id: str) -> str:

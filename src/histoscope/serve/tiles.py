@@ -86,7 +86,8 @@ class TileService:
     def tile(self, slide_id: str, level: int, col: int, row: int, fmt: str) -> bytes:
         """Encoded tile; IndexError for an address the slide does not have."""
         fmt = "jpeg" if fmt == "jpg" else fmt
-        key = (slide_id, level, col, row, fmt)
+        file_key = (slide_id, self.catalog.mtime_tag(slide_id))  # a changed file never serves old tiles
+        key = (*file_key, level, col, row, fmt)
         data = self.cache.get(key)
         if data is None:
             geometry = self.geometry(slide_id)
@@ -94,8 +95,6 @@ class TileService:
             with self.catalog.open(slide_id) as slide:
                 read = None
                 if isinstance(slide, TiffSlide):
-                    file_key = (slide_id, self.catalog.mtime_tag(slide_id))
-
                     def read(source, x, y, width, height, slide=slide):
                         return self._read_stored(file_key, slide, source, x, y, width, height)
                 pixels = read_dz_tile(slide, geometry, level, col, row, read=read)
