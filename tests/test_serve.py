@@ -69,8 +69,12 @@ def site(tmp_path_factory):
     (out / "reports").mkdir()
     with open(out / "reports" / "reports.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([["slide_id", "report"], ["sample", "Invasive carcinoma; margins clear."]])
-    # an output file that is a symlink leaving OUT
-    os.symlink(outside / "secret.txt", out / "contours_geojson" / "escape.geojson")
+    # outputs that are symlinks leaving OUT: a report file, and a whole prediction run
+    os.symlink(outside / "secret.txt", out / "sample.txt")
+    evil = outside / "evil_run"
+    write_tile_scores(evil / "sample" / "tile_scores.csv", coords, -coords[:, 0])
+    write_json(evil / "predictions.json", {"model": SECRET, "slides": [{"slide_id": "sample", "label": SECRET}]})
+    os.symlink(evil, out / "pred_evil")
     return {"slides": slides, "out": out, "outside": outside, "base": base}
 
 
@@ -451,6 +455,11 @@ def test_absolute_paths_and_symlinks_are_never_served(live, site):
                  "/dzi/escape.dzi", "/dzi/escape_files/9/0_0.png", "/api/slides/escape"):
         status, _, body = live.request("GET", path)
         assert 400 <= status < 500 and SECRET.encode() not in body, path
+    for path in ("/api/slides/sample/report", "/api/slides/sample", "/api/slides/sample/heatmaps",
+                 "/api/slides/sample/heatmaps/pred_evil/score.png", "/api/slides/sample/topk?run=pred_evil"):
+        status, _, body = live.request("GET", path)
+        assert SECRET.encode() not in body, path
+        assert status == (404 if "pred_evil" in path else 200) and (b"pred_evil" not in body or "pred_evil" in path)
     # the slide behind the escaping symlink is readable, but not through the server
     assert open_slide(site["outside"] / "private.svs").dimensions == (600, 400)
 
