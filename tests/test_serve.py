@@ -631,6 +631,7 @@ def test_viewer_in_headless_chromium(site, tmp_path, histoscope_cli):
     H&E tissue, then jet colours running from blue on the left to red on the right (scores rise with x)."""
     import shutil
     import subprocess
+    import urllib.error
     import urllib.request
 
     if not os.path.exists(CHROMIUM) and not shutil.which("chromium"):
@@ -638,7 +639,7 @@ def test_viewer_in_headless_chromium(site, tmp_path, histoscope_cli):
     playwright = pytest.importorskip("playwright.sync_api")
     port = _free_port()
     server = subprocess.Popen(histoscope_cli("serve", str(site["out"]), "--slides", str(site["slides"]), "--port",
-                                             str(port), "--token", TOKEN),
+                                             str(port)), env={**os.environ, "HISTOSCOPE_SERVE_TOKEN": TOKEN},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -651,6 +652,8 @@ def test_viewer_in_headless_chromium(site, tmp_path, histoscope_cli):
                 assert server.poll() is None, server.stderr.read().decode()
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # the token came from the environment
+            urllib.request.urlopen(base + "/api/slides", timeout=10)
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path=shutil.which("chromium") or CHROMIUM, headless=True,

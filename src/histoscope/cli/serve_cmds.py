@@ -21,7 +21,7 @@ def serve(
     slides: Annotated[list[Path], typer.Option("--slides", help="Folder of slides (repeatable); nothing outside these is opened.")],
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    token: Annotated[Optional[str], typer.Option(help="Required on /api and /dzi (Authorization: Bearer TOKEN or ?token=TOKEN).")] = None,
+    token: Annotated[Optional[str], typer.Option(envvar="HISTOSCOPE_SERVE_TOKEN", show_envvar=True, help="Required on /api and /dzi (Authorization: Bearer TOKEN or ?token=TOKEN); the variable keeps it out of the process list.")] = None,
     chat: Annotated[Optional[Path], typer.Option(help="A histoscope train-chat run: enables POST /api/slides/{id}/chat.")] = None,
     rate_limit: Annotated[float, typer.Option(min=0, help="Requests per second per client (0: no limit).")] = 200.0,
     cache_mb: Annotated[int, typer.Option(min=0, help="Memory for encoded tiles, MB.")] = 256,
