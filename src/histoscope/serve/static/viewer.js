@@ -60,7 +60,10 @@
     ctx.clearRect(0, 0, width, height);
     const image = viewer.world.getItemAt(0);
     if (!image) return;
-    const toScreen = (x, y) => image.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+    // Level-0 px -> canvas px is a scale and a shift (no rotation): computed once per frame, not per point.
+    const o = image.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
+    const scale = image.imageToViewerElementCoordinates(new OpenSeadragon.Point(1e4, 0)).x / 1e4 - o.x / 1e4;
+    const toScreen = (x, y) => ({ x: o.x + x * scale, y: o.y + y * scale });
     if ($("show-tissue").checked && state.tissue) {
       ctx.strokeStyle = "#00a000"; ctx.lineWidth = 2;
       for (const feature of state.tissue.features || []) {
