@@ -360,6 +360,12 @@ def test_heatmap_colours_and_top_tiles(client, site):
     # a square the pyramid has no level coarse enough for (16384 px to read at level 1) is refused, not read
     assert client.get("/api/slides/sample/region.jpeg", params={"x": 0, "y": 0, "size": 65536, "out": 16}).status_code == 422
     assert client.get("/api/slides/sample/topk", params={"run": "nope"}).status_code == 404
+    thumb = client.get("/api/slides/sample/thumbnail.jpeg")
+    with open_slide(site["slides"] / "sample.svs") as slide:
+        expected = slide.thumbnail(256)
+    picture = _decode(thumb.content)
+    assert picture.shape == (188, 256, 3) and picture.shape[:2] == expected.shape[:2]  # 3000 x 2200 at most 256 px
+    assert np.abs(picture.astype(int) - expected.astype(int)).mean() < 8
 
 
 def _decode_rgba(data: bytes) -> np.ndarray:

@@ -12,6 +12,7 @@ Routes (schema at ``/openapi.json``)::
     GET  /api/slides/{id}/heatmaps/{run}/{score}.png   one heatmap (RGBA PNG, ?cmap=)
     GET  /api/slides/{id}/topk                     the k highest-scoring tiles of a run (?run=&score=&k=)
     GET  /api/slides/{id}/region.jpeg              a level-0 square of the slide as JPEG (?x=&y=&size=&out=)
+    GET  /api/slides/{id}/thumbnail.jpeg           a small picture of the slide for the list
     GET  /api/slides/{id}/report                   the generated report
     POST /api/slides/{id}/chat                     a question about the slide (501 without a chat model)
     GET  /dzi/{id}.dzi                             Deep Zoom descriptor
@@ -238,6 +239,27 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
         pixels = cv2.resize(pixels, (out, out), interpolation=cv2.INTER_AREA)
         return cached(request, encode_tile(pixels, "jpeg", quality=85), "image/jpeg",
                       tiles.etag(slide_id, "region", x, y, size, out))
+
+    @app.get("/api/slides/{slide_id}/thumbnail.jpeg", summary="A small picture of the slide (at most 256 px)",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def thumbnail(request: Request, slide_id: str) -> Response:
+        readable(slide_id)
+        etag = tiles.etag(slide_id, "thumbnail")
+        data = tiles.cache.get(etag)
+        if data is None:
+            import cv2
+
+            from histoscope.serve.deepzoom import encode_tile
+
+            with catalog.open(slide_id) as slide:
+                pixels = slide.thumbnail(256)  # from the coarsest level, in chunks
+            scale = 256 / max(pixels.shape[:2])
+            if scale < 1:
+                pixels = cv2.resize(pixels, (max(1, round(pixels.shape[1] * scale)),
+                                             max(1, round(pixels.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+            data = encode_tile(pixels, "jpeg", quality=85)
+            tiles.cache.put(etag, data)
+        return cached(request, data, "image/jpeg", etag)
 
     @app.get("/api/slides/{slide_id}/report", summary="The report generated for the slide")
     def report(slide_id: str) -> dict[str, str]:

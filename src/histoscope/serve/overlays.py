@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from histoscope.predict.heatmap import colorize, percentile_scores
-from histoscope.predict.run import predictions_path
+from histoscope.predict.outputs import predictions_path
 from histoscope.serve.catalog import Catalog
 from histoscope.tiling.geometry import TileGeometry
 from histoscope.tiling.patches_h5 import find_patches, read_patches

@@ -195,7 +195,14 @@
     list.innerHTML = "";
     for (const s of slides) {
       const li = document.createElement("li");
-      li.dataset.id = s.slide_id; li.textContent = s.slide_id;
+      li.dataset.id = s.slide_id;
+      if (!s.error) {
+        const img = document.createElement("img");
+        img.loading = "lazy"; img.alt = "";
+        img.src = url(`/api/slides/${encodeURIComponent(s.slide_id)}/thumbnail.jpeg`);
+        li.appendChild(img);
+      }
+      li.appendChild(document.createTextNode(s.slide_id));
       if (s.error) { li.classList.add("error"); li.title = s.error; }
       li.addEventListener("click", () => openSlide(s.slide_id).catch((e) => status(e.message)));
       list.appendChild(li);
