@@ -198,6 +198,26 @@ def test_tiles_match_openslide_deepzoom(client, site):
                 assert np.abs(jpeg.astype(int) - ours.astype(int)).mean() < 12  # q75 on dense texture
 
 
+def test_concurrent_clients_get_exact_tiles(site):
+    """8 clients at once over every tile of levels 10 to 12 (readers pooled, stored tiles shared between
+    threads): each PNG equals the tile made alone, by one reader."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = Live(create_app(site["out"], [site["slides"]], rate=0))
+    geometry = DeepZoomGeometry(3000, 2200)
+    addresses = [(level, c, r) for level in (10, 11, 12) for c in range(geometry.level_tiles(level)[0])
+                 for r in range(geometry.level_tiles(level)[1])]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda a: server.request("GET", "/dzi/sample_files/{}/{}_{}.png".format(*a)), addresses))
+    finally:
+        server.close()
+    with open_slide(site["slides"] / "sample.svs") as slide:
+        for (level, col, row), (status, _, body) in zip(addresses, got):
+            assert status == 200
+            np.testing.assert_array_equal(_decode(body), read_dz_tile(slide, geometry, level, col, row))
+
+
 def test_tile_caching_and_errors(client):
     first = client.get("/dzi/sample_files/11/2_2.jpg")
     assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
