@@ -37,6 +37,7 @@ from histoscope.serve.chat import ChatBackend, ChatUnavailable
 from histoscope.serve.deepzoom import FORMATS, dzi_xml
 from histoscope.serve.security import Guard
 from histoscope.serve.tiles import TileService
+from histoscope.tiling.patches_h5 import find_patches
 from histoscope.tissue.outputs import tissue_output_paths
 
 __all__ = ["create_app", "serve", "STATIC_FILES"]
@@ -165,7 +166,7 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
         scores = [run for run in overlays.prediction_runs(catalog) if overlays.tile_scores(catalog, slide_id, run)]
         outputs = {
             "tissue": catalog.output(tissue_output_paths(catalog.out_dir, slide_id)["geojson"]) is not None,
-            "tiles": overlays.tile_grid(catalog, slide_id) is not None,
+            "tiles": catalog.output(find_patches(catalog.out_dir, slide_id)) is not None,
             "report": overlays.slide_report(catalog, slide_id) is not None,
             "chat": chat is not None,
         }
