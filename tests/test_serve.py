@@ -230,6 +230,8 @@ def test_tile_caching_and_errors(client):
     assert client.get("/dzi/sample_files/13/0_0.jpeg").status_code == 404  # no level 13
     assert client.get("/dzi/sample_files/11/99_0.jpeg").status_code == 404
     assert client.get("/dzi/sample_files/11/0_0.gif").status_code == 422
+    for alias in ("1_2/0_0.jpeg", "11/+2_2.jpeg", "11/2_2_2.jpeg", "11/%202_2.jpeg", "11/-1_0.jpeg"):
+        assert client.get(f"/dzi/sample_files/{alias}").status_code == 422, alias  # plain digits only
     assert client.get("/dzi/nosuch.dzi").status_code == 404
     broken = client.get("/dzi/broken.dzi")
     assert broken.status_code == 422 and "Traceback" not in broken.text

@@ -24,10 +24,11 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -48,6 +49,7 @@ STATIC_FILES = {
     "openseadragon.LICENSE.txt": "text/plain",
 }
 _TILE_CACHE = "private, max-age=86400"
+_DIGITS = r"^[0-9]{1,9}$"
 _REGION_READ_MAX = 4096  # px read at a pyramid level for one /region.jpeg
 _API_CACHE = "no-cache"
 
@@ -293,8 +295,10 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
 
     @app.get("/dzi/{slide_id}_files/{level}/{col}_{row}.{fmt}", summary="One Deep Zoom tile",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}})
-    def dz_tile(request: Request, slide_id: str, level: int, col: int, row: int,
+    def dz_tile(request: Request, slide_id: str, level: Annotated[str, PathParam(pattern=_DIGITS)],
+                col: Annotated[str, PathParam(pattern=_DIGITS)], row: Annotated[str, PathParam(pattern=_DIGITS)],
                 fmt: Literal["jpeg", "jpg", "png"]) -> Response:
+        level, col, row = int(level), int(col), int(row)  # plain digits only: one URL per tile
         readable(slide_id)
         etag = tiles.etag(slide_id, level, col, row, fmt)
         if etag in request.headers.get("if-none-match", ""):
