@@ -285,6 +285,10 @@ def _register_stage_commands() -> None:
     align_cmds.register(app)
     pretrain_cmds.register(app)
 
+    from histoscope.cli import serve_cmds
+
+    serve_cmds.register(app)
+
 
 _register_stage_commands()
 

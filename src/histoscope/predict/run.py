@@ -31,17 +31,13 @@ from histoscope.pipeline.batch import BatchResult, run_batch
 from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob, collect_slides
 from histoscope.predict.heatmap import paint_heatmap, percentile_scores, tiles_geojson, write_tile_scores
+from histoscope.predict.outputs import predictions_path
 from histoscope.slide.bags import collate_bags
 from histoscope.slide.trained import TrainedModel, load_trained_model
 from histoscope.tiling.geometry import TileGeometry
 from histoscope.utils.device import autocast, resolve_device, resolve_dtype
 
 __all__ = ["predict_slides", "predictions_path"]
-
-
-def predictions_path(out_dir: str | Path, suffix: str = ".csv") -> Path:
-    """``OUT/predictions.csv`` (or ``.json``): one row per slide predicted."""
-    return (Path(out_dir) / "predictions").with_suffix(suffix)
 
 
 def _predict_one(job: SlideJob, *, trained: TrainedModel, features_dir: Path, out_dir: Path, with_images: bool,
