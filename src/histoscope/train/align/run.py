@@ -39,8 +39,9 @@ from histoscope.language.align.tokenizer import TextTokenizer, train_bpe_tokeniz
 from histoscope.language.align.trained import align_model_path, save_align_model, save_tokenizer, tokenizer_path
 from histoscope.train.align.config import AlignConfig
 from histoscope.train.config import ConfigError, record_recipe
-from histoscope.train.loop import AdamWSchedule, EarlyStopping, derived_seed, resume_fit, save_fit_state
+from histoscope.train.loop import AdamWSchedule, EarlyStopping, close_epoch, derived_seed, resume_fit
 from histoscope.utils.device import autocast, resolve_device, resolve_dtype
+from histoscope.utils.progress import StepProgress
 
 __all__ = ["train_align", "assign_splits", "read_splits", "splits_path"]
 
@@ -151,26 +152,6 @@ def _validate(model, inputs, ids, config, device, dtype) -> dict[str, float]:
     return {name: total / len(inputs) for name, total in sums.items()}
 
 
-class _Progress:
-    """A rich progress bar over optimizer steps (on stderr)."""
-
-    def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]train-align[/]"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                                 console=Console(stderr=True))
-        self.task = self.progress.add_task("train-align", total=total, status="")
-        self.progress.start()
-
-    def advance(self, status: str) -> None:
-        self.progress.update(self.task, advance=1, status=status)
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
 def train_align(config: AlignConfig, *, overwrite: bool = False, log: Callable[[str], None] | None = None,
                 progress: bool = False, on_epoch_end: Callable[..., None] | None = None) -> dict[str, Any]:
     """Train an image–text model on ``config.pairs``; returns ``{"best_epoch", "history", "model"}``.
@@ -249,7 +230,7 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
     early, history, best_state, first_epoch = resume_fit(state_path, model, opt, early)
     if first_epoch:
         log(f"resuming after epoch {first_epoch}")
-    bar = _Progress((config.epochs - first_epoch) * steps_per_epoch) if progress and config.epochs > first_epoch else None
+    bar = StepProgress("train-align", (config.epochs - first_epoch) * steps_per_epoch) if progress and config.epochs > first_epoch else None
     try:
         for epoch in range(first_epoch, config.epochs):
             if early.stopped:
@@ -271,20 +252,11 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
                     bar.advance(f"epoch {epoch + 1}/{config.epochs} loss {float(losses['loss'].detach()):.4f}")
             record = {"epoch": epoch, **{f"train_{k}": v / len(train_inputs) for k, v in sums.items()},
                       "logit_scale": float(model.logit_scale.detach().exp()), "lr": opt.optimizer.param_groups[0]["lr"]}
-            if len(val_inputs):
-                record.update({f"val_{k}": v for k, v in
-                               _validate(model, val_inputs, val_ids, config, device, dtype).items()})
-                improved = early.update(record["val_loss"], epoch)
-            else:
-                improved, early.best_epoch = True, epoch
-            if improved:
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            record["seconds"] = time.perf_counter() - started
-            history.append(record)
-            log(f"epoch {epoch + 1}/{config.epochs} " + " ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) + (" *" if improved else ""))
-            save_fit_state(state_path, epoch=epoch, model=model, opt=opt, early=early, history=history,
-                           best_state=best_state)
+            val = _validate(model, val_inputs, val_ids, config, device, dtype) if len(val_inputs) else {}
+            record.update({f"val_{k}": v for k, v in val.items() if k != "loss"})
+            best_state = close_epoch(record, val_loss=val.get("loss"), model=model, opt=opt, early=early,
+                                     history=history, best_state=best_state, started=started, state_path=state_path,
+                                     label=f"epoch {epoch + 1}/{config.epochs}", log=log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch=epoch, record=record)
     finally:
