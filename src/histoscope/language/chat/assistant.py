@@ -60,7 +60,7 @@ def image_tokens_of(image: ImageInput, *, encoder: nn.Module | None = None) -> T
         else:
             raise ValueError(f"{path}: neither a features file (.h5) nor a tile image "
                              f"({', '.join(IMAGE_SUFFIXES)})")
-    array = torch.as_tensor(np.asarray(image)) if not isinstance(image, Tensor) else image
+    array = torch.as_tensor(np.array(image)) if not isinstance(image, Tensor) else image
     if array.ndim == 2:
         return array.float()
     if array.ndim == 3 and array.shape[-1] == 3:

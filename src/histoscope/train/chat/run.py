@@ -311,7 +311,7 @@ def train_chat(config: ChatConfig, *, overwrite: bool = False, log: Callable[[st
     """Run both stages; returns ``{"model": OUT/model.pt, "history": [...]}``.
 
     A rerun into the same ``out`` resumes an interrupted run and returns at once for a
-    finished one. ``on_stage_start(stage=, model=)`` runs before a stage trains,
+    finished one. ``on_stage_start(stage=, model=)`` runs before a stage trains (stage 2: before LoRA is attached),
     ``on_epoch_end(stage=, epoch=, record=, model=)`` after each epoch's state is saved.
 
     Examples
@@ -377,12 +377,12 @@ def train_chat(config: ChatConfig, *, overwrite: bool = False, log: Callable[[st
         save_chat_model(stage1_path, model, lm_trained=False, extra={"history": history}, **save)
         (out / "stage1_state.pt").unlink(missing_ok=True)
 
+    if on_stage_start is not None:
+        on_stage_start(stage=2, model=model)
     if config.stage2.lm == "lora":
         apply_lora(model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                    targets=config.lora.targets)
         model.to(device)
-    if on_stage_start is not None:
-        on_stage_start(stage=2, model=model)
     history = history + _fit_stage(2, config.stage2, model, train, val, **fit)
     if config.stage2.lm == "lora":
         save_adapter(model, out / "adapter")
