@@ -117,6 +117,11 @@ def test_interactive_chat_and_a_bad_file_in_a_batch(trained, data, tmp_path):
     assert result.exit_code == 1
     assert [a["slide_id"] for a in json.loads(result.stdout)] == [data.heldout[0]]
     assert "FAILED broken" in result.stderr
+    table = tmp_path / "slides.csv"  # a CSV of features files: its slide ids name the conversations
+    table.write_text(f"slide_id,features\ncase_a,{slide}\ncase_b,{data.features_dir / (data.heldout[1] + '.h5')}\n")
+    result = CliRunner().invoke(app, ["chat", "-m", str(trained), "-f", str(table), "-q", QUESTIONS[1], "--json"])
+    assert result.exit_code == 0, result.output
+    assert [a["slide_id"] for a in json.loads(result.stdout)] == ["case_a", "case_b"]
     for args, message in ((["-f", str(slide), "--image", str(broken)], "exactly one of"),
                           (["--slide", str(broken)], "--slide needs --encoder"),
                           (["-f", str(tmp_path / "none.h5"), "-q", "Q"], "none.h5")):
