@@ -14,8 +14,9 @@ __all__ = ["apply_lora", "lora_state", "merge_lora", "save_adapter"]
 def _peft():
     try:
         import peft
-    except ImportError:
-        raise ImportError("LoRA needs the peft package: pip install 'histoscope[chat]' (or pip install peft)") from None
+    except ImportError:  # a ValueError: the command line reports it as one line naming the fix
+        raise ValueError("LoRA (stage2.lm=lora) needs the peft package: pip install 'histoscope[chat]' "
+                         "(or pip install peft), or train the LM in full with stage2.lm=full") from None
     return peft
 
 
