@@ -15,8 +15,10 @@ __all__ = ["register"]
 
 
 def pretrain(
-    objective: Annotated[str, typer.Argument(help="Pretraining method, e.g. dinov2.")],
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/dinov2_*.yaml).",
+    objective: Annotated[str, typer.Argument(help="Pretraining method: dinov2, mae (tile encoders), slide_mae "
+                                                  "(LongNet slide encoder), hipt256, hipt4k (HIPT's two levels).")],
+    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/dinov2_*, mae_*, slide_mae_*, "
+                                                          "hipt_*.yaml).",
                                                      show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides, dotted for sections: optim.batch_size=256 data.patches=[OUT] crops.local_crops_number=6",
@@ -26,10 +28,11 @@ def pretrain(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh instead of resuming the run in the output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-step lines or progress bar.")] = False,
 ) -> None:
-    """Pretrain a tile encoder (any ViT of `histoscope models`) on tiles streamed from slides.
+    """Pretrain a tile encoder (any ViT of `histoscope models`) on tiles streamed from slides, or a
+    slide model (slide_mae, hipt4k) on tile embeddings streamed from features files.
 
     A rerun into the same folder resumes from its last checkpoint, mid-epoch. The result is
-    exported in the encoder's published layout for `histoscope embed --weights`.
+    exported in the model's published layout (tile encoders: for `histoscope embed --weights`).
     """
     from histoscope.pretrain import load_pretrain_recipe
     from histoscope.pretrain import pretrain as run_pretraining
@@ -44,7 +47,7 @@ def pretrain(
         loaded.common.device = device
     result = run_pretraining(loaded, overwrite=overwrite, progress=not quiet, log=None if quiet else typer.echo)
     if result["export"] is not None:
-        typer.echo(f"exported {result['export']} (load with `histoscope embed --weights`; see its .json)")
+        typer.echo(f"exported {result['export']} (how to load it: {result['export'].with_suffix('.json')})")
 
 
 def register(app: typer.Typer) -> None:

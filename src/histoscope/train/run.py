@@ -16,6 +16,7 @@ A fold is finished when ``fold_k/fold_done.json`` exists; until then
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from histoscope.io.atomic import atomic_path, json_safe, write_json
 from histoscope.io.columns import read_columns, write_columns
 from histoscope.io.features_h5 import check_features, features_path
 from histoscope.io.outdir import output_folder
+from histoscope.pipeline.executors import Executor
 from histoscope.slide import get_slide_model_spec, load_slide_model
 from histoscope.slide.trained import save_trained_model
 from histoscope.train.checkpoint import resolved_arch
@@ -75,11 +77,15 @@ def _plots(out: Path, task: Task, columns: dict[str, Any], arrays: tuple) -> lis
 
 
 def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], None] | None = None,
-          on_epoch_end: Callable[..., None] | None = None) -> dict[str, Any]:
+          on_epoch_end: Callable[..., None] | None = None, executor: Executor | None = None) -> dict[str, Any]:
     """Train and evaluate every fold a recipe describes; returns the results document.
 
     Reruns into the same ``out_dir`` skip finished folds and resume an interrupted one
     from its last epoch, ending with the same predictions as an uninterrupted run.
+    With an ``executor`` (a ``RayExecutor``, or a ``LocalExecutor`` of several processes)
+    the unfinished folds train in parallel, one job each, with the same results: a fold's
+    initial weights and data order follow from the seed and its number alone. Per-epoch
+    lines and ``on_epoch_end`` are for the sequential run only.
 
     Examples
     --------
@@ -127,14 +133,22 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
         log(f"{len(samples)} slides, {len({s.patient_id for s in samples})} patients, {len(splits)} folds, "
             f"D={in_dim}, model {config.model}, device {device}, {dtype}")
 
-        fold_results = []
-        for number, split in enumerate(splits):
-            done = fold_dir(out, split.fold) / "fold_done.json"
-            if not done.exists():
+        def done(split) -> Path:
+            return fold_dir(out, split.fold) / "fold_done.json"
+
+        pending = [(number, split) for number, split in enumerate(splits) if not done(split).exists()]
+        if executor is None:
+            for number, split in pending:
                 _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype,
                           fold_dir(out, split.fold), log, on_epoch_end)
-            fold_results.append(json.loads(done.read_text()))
-        return _summarise(out, config, base_task, fold_results)
+        elif pending:
+            job = functools.partial(_fold_job, config=config, samples=samples, paths=paths, in_dim=in_dim, arch=arch,
+                                    device=device, dtype=dtype, out=out)
+            for index, error in executor.map(job, pending):
+                if isinstance(error, BaseException):
+                    raise error
+                log(f"fold {pending[index][1].fold} done")
+        return _summarise(out, config, base_task, [json.loads(done(split).read_text()) for split in splits])
 
 
 def _check_bags(paths: list[Path]) -> int:
@@ -144,6 +158,15 @@ def _check_bags(paths: list[Path]) -> int:
     for path in paths:
         _, dim = check_features(path, dim=dim)
     return dim
+
+
+def _fold_job(fold: tuple[int, Any], *, config: TrainConfig, samples, paths: list[Path], in_dim: int, arch,
+              device: torch.device, dtype: torch.dtype, out: Path) -> None:
+    """One fold in a process of its own (an executor's job): its own feature cache, no log lines."""
+    number, split = fold
+    dataset = BagDataset(paths, FeatureCache(int(config.cache_gb * 2**30)), max_tiles=config.max_tiles)
+    _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype, fold_dir(out, split.fold),
+              lambda message: None, None)
 
 
 def _run_fold(config, split, number, samples, dataset, in_dim, arch, device, dtype, folder: Path, log,
