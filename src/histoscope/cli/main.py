@@ -278,11 +278,12 @@ def demo(
 
 
 def _register_stage_commands() -> None:
-    from histoscope.cli import align_cmds, eval_cmds, pretrain_cmds, report_cmds, slide_cmds
+    from histoscope.cli import align_cmds, chat_cmds, eval_cmds, pretrain_cmds, report_cmds, slide_cmds
 
     slide_cmds.register(app)
     eval_cmds.register(app)
     align_cmds.register(app)
+    chat_cmds.register(app)
     pretrain_cmds.register(app)
     report_cmds.register(app)
 
