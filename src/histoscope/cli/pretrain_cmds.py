@@ -11,13 +11,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from histoscope.cli.recipes import list_option
+
 __all__ = ["register"]
 
 
 def pretrain(
     objective: Annotated[str, typer.Argument(help="Pretraining method, e.g. dinov2.")],
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/dinov2_*.yaml).",
-                                                     show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Argument(
+        help="Recipe name (see --list), e.g. dinov2_vits16, or a YAML file.", show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides, dotted for sections: optim.batch_size=256 data.patches=[OUT] crops.local_crops_number=6",
         show_default=False)] = None,
@@ -25,6 +27,9 @@ def pretrain(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda (recipe's device; under torchrun each process takes cuda:LOCAL_RANK).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh instead of resuming the run in the output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-step lines or progress bar.")] = False,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True,
+                                        callback=list_option("histoscope.pretrain", "pretrain OBJECTIVE"),
+                                        help="List the shipped recipes and exit.")] = False,
 ) -> None:
     """Pretrain a tile encoder (any ViT of `histoscope models`) on tiles streamed from slides.
 

@@ -11,12 +11,14 @@ from typing import Annotated, Optional
 import typer
 
 from histoscope.cli.errors import BATCH_FAILED, check_mpp, one_of
+from histoscope.cli.recipes import list_option
 
 __all__ = ["register"]
 
 
 def train(
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/).", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Argument(
+        help="Recipe name (see --list), e.g. abmil_classification, or a YAML file.", show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides, dotted for sections: epochs=30 survival.loss=discrete model_args.dropout=0.1",
         show_default=False)] = None,
@@ -24,6 +26,8 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 (recipe's device).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in the output folder instead of resuming it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=list_option("histoscope.train", "train"),
+                                        help="List the shipped recipes and exit.")] = False,
 ) -> None:
     """Cross-validated training of a slide model from a slide CSV and a features folder.
 

@@ -114,10 +114,11 @@ def _get(config: Any, dotted: str) -> Any:
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML recipe (optional) and overrides.
+    """A validated :class:`TrainConfig` from a YAML recipe (optional: a path, or the name of a
+    recipe shipped in ``histoscope/train/recipes/``) and overrides.
 
     Examples
     --------
-    >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
+    >>> cfg = load_recipe("abmil_classification", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
     """
-    return TrainConfig.from_dict(read_recipe(path, overrides)).validate()
+    return TrainConfig.from_dict(read_recipe(path, overrides, package="histoscope.train")).validate()

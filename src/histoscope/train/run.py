@@ -84,7 +84,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
     Examples
     --------
     >>> from histoscope.train import load_recipe, train                          # doctest: +SKIP
-    >>> results = train(load_recipe("recipes/abmil_classification.yaml", ["epochs=10"]))  # doctest: +SKIP
+    >>> results = train(load_recipe("abmil_classification", ["epochs=10"]))  # doctest: +SKIP
     >>> results["pooled"]["metrics"]["auroc"]["value"]                            # doctest: +SKIP
     """
     config.validate()
