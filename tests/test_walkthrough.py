@@ -65,3 +65,87 @@ def test_cli_lists_recipes_and_takes_a_name(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "nowhere.csv" in result.output, result.output
     result = runner.invoke(app, ["train", "abmil_clasification", "csv=x.csv"])
     assert result.exit_code == 2 and "no such recipe file or shipped recipe" in result.output
+
+
+# ---- small data: warnings and n/a ------------------------------------------------------------
+
+TINY_RUN = ["tiny=true", "epochs=2", "device=cpu", "precision=fp32", "bootstrap=20", "max_tiles=null",
+            "accumulate=1"]
+
+
+def _train_cli(cohort, out: Path, *extra: str):
+    return runner.invoke(app, ["train", "abmil_classification", f"csv={cohort.csv}",
+                               f"features_dir={cohort.features_dir}", f"out_dir={out}", *TINY_RUN, *extra])
+
+
+def test_too_few_slides_for_the_folds_warns_and_reports_na(tmp_path):
+    from histoscope.train.synthetic import make_mil_cohort
+
+    cohort = make_mil_cohort(tmp_path / "c", slides=4, tiles=(5, 8), seed=1)
+    result = _train_cli(cohort, tmp_path / "run", "folds=4", "monitor=auroc")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    # one test slide per fold: AUROC cannot exist there; the validation sets hold one class
+    for k in range(4):
+        assert f"warning: fold {k}: auroc, balanced_accuracy" not in out  # bacc is defined on one class
+        assert f"warning: fold {k}: auroc" in out and "reported as n/a" in out
+        assert f"warning: fold {k}: auroc cannot be computed on its 1 validation slides" in out
+    assert "early stopping monitors the validation loss" in out
+    assert "val_auroc=n/a" in out and "val_auroc=0 " not in out and "nan" not in out
+    import json
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert all(fold["metrics"]["auroc"]["value"] is None for fold in results["folds"])  # null, not 0
+    assert results["pooled"]["metrics"]["auroc"]["value"] is not None  # 4 slides of 2 classes pooled
+    assert len(results["warnings"]) == 4  # the test sets; the validation fallback is logged per fold
+    history = json.loads((tmp_path / "run" / "fold_0" / "history.json").read_text())
+    assert all(epoch["val_auroc"] is None for epoch in history)
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| fold 0 | 1 | n/a |" in table and "Warnings:" in table and "nan" not in table
+
+
+def test_no_validation_patients_left_warns(tmp_path):
+    from histoscope.train.synthetic import make_mil_cohort
+
+    cohort = make_mil_cohort(tmp_path / "c", slides=4, tiles=(5, 8), seed=1)
+    result = _train_cli(cohort, tmp_path / "run", "folds=2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "warning: fold 0: no validation slides (2 training patients are too few for val_fraction=0.2)" in result.output
+    assert "reported as n/a" not in result.output  # each test fold holds both classes
+
+
+# ---- the final model -------------------------------------------------------------------------
+
+def test_final_model_trains_on_every_slide_for_the_median_best_epoch(tmp_path):
+    import json
+
+    import numpy as np
+
+    from histoscope.slide.trained import load_trained_model
+    from histoscope.train.run import final_epochs
+    from histoscope.train.synthetic import make_mil_cohort
+
+    cohort = make_mil_cohort(tmp_path / "c", slides=12, tiles=(5, 8), seed=2)
+    out = tmp_path / "run"
+    first = _train_cli(cohort, out, "folds=3", "epochs=3", "--quiet")
+    assert first.exit_code == 0, first.output
+    assert not (out / "final").exists() and "final model" not in first.output
+    fold_checkpoints = {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoint.pt")}
+    # the same run with final=true keeps the folds and adds the final model
+    second = _train_cli(cohort, out, "folds=3", "epochs=3", "final=true", "--quiet")
+    assert second.exit_code == 0, second.output
+    assert f"final model (all slides, for predict): {out / 'final' / 'checkpoint.pt'}" in second.output
+    assert {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoint.pt")} == fold_checkpoints
+    folds = [json.loads((out / f"fold_{k}" / "fold_done.json").read_text()) for k in range(3)]
+    epochs = int(np.ceil(np.median([f["best_epoch"] + 1 for f in folds])))
+    assert final_epochs(folds) == epochs
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"] == {"checkpoint": str(out / "final" / "checkpoint.pt"), "epochs": epochs, "n_train": 12}
+    history = json.loads((out / "final" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(epochs)) and "val_loss" not in history[0]
+    trained = load_trained_model(out / "final" / "checkpoint.pt")
+    assert trained.meta["fold"] == "final" and trained.meta["epochs"] == epochs
+    assert not (out / "final" / "train_state.pt").exists()
+    # a third run finds everything done
+    stamp = (out / "final" / "checkpoint.pt").stat().st_mtime_ns
+    assert _train_cli(cohort, out, "folds=3", "epochs=3", "final=true", "--quiet").exit_code == 0
+    assert (out / "final" / "checkpoint.pt").stat().st_mtime_ns == stamp

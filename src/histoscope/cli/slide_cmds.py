@@ -35,6 +35,7 @@ def train(
     """
     from histoscope.train import load_recipe
     from histoscope.train import train as run_training
+    from histoscope.train.loop import format_value
     from histoscope.train.run import results_path
 
     items = list(overrides or [])
@@ -49,8 +50,14 @@ def train(
     pooled = results["pooled"]
     typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")
     for name, entry in pooled["metrics"].items():
-        typer.echo(f"  {name:18s} {entry['value']:.4f}  (95% CI {entry['ci_low']:.4f}–{entry['ci_high']:.4f})")
+        value, low, high = (format_value(entry[k], ".4f") for k in ("value", "ci_low", "ci_high"))
+        typer.echo(f"  {name:18s} {value}" + (f"  (95% CI {low}–{high})" if low != "n/a" else ""))
+    if quiet:
+        for warning in results["warnings"]:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"results: {results_path(config.out_dir)}")
+    if "final" in results:
+        typer.echo(f"final model (all slides, for predict): {results['final']['checkpoint']}")
 
 
 def predict(

@@ -45,6 +45,7 @@ class TrainConfig:
     freeze_encoder: bool = False  # train the head only (the model's declared head modules)
     layer_decay: float | None = None  # layer-wise lr decay: lr · layer_decay^(depth of the top − depth)
     folds: int = 5
+    final: bool = False  # after cross-validation, one model on every slide → OUT/final/checkpoint.pt
     val_fraction: float = 0.2  # of each fold's training patients, for early stopping
     epochs: int = 20
     lr: float = 2e-4
