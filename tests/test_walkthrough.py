@@ -149,3 +149,46 @@ def test_final_model_trains_on_every_slide_for_the_median_best_epoch(tmp_path):
     stamp = (out / "final" / "checkpoint.pt").stat().st_mtime_ns
     assert _train_cli(cohort, out, "folds=3", "epochs=3", "final=true", "--quiet").exit_code == 0
     assert (out / "final" / "checkpoint.pt").stat().st_mtime_ns == stamp
+
+
+# ---- heatmap colour bar ----------------------------------------------------------------------
+
+def test_heatmap_colour_bar_shows_the_painted_colours_from_100_to_0_percent():
+    import numpy as np
+    from matplotlib import colormaps
+
+    from histoscope.predict.heatmap import colorbar_geometry, paint_heatmap, with_colorbar
+
+    thumbnail = np.full((300, 400, 3), 200, np.uint8)
+    painted = paint_heatmap(thumbnail, np.array([[0, 0]]), 1000, (4000, 3000), np.array([1.0]), alpha=1.0)
+    image = with_colorbar(painted)
+    top, bar, pad, width, panel = colorbar_geometry(300)
+    assert image.shape == (300, 400 + panel, 3) and bar == 240 and top == 30
+    np.testing.assert_array_equal(image[:, :400], painted)  # the heatmap itself is untouched
+    column = image[top : top + bar, 400 + pad + width // 2].astype(float)
+    expected = np.array([colormaps["jet"](1 - (r + 0.5) / bar)[:3] for r in range(bar)]) * 255
+    np.testing.assert_array_equal(column, expected.round())
+    # the top of the bar is the colour a 100th-percentile tile is painted with
+    np.testing.assert_array_equal(column[0], painted[0, 0])
+    assert (image[:top, 400:] < 128).any() and (image[top : top + bar, 400 + pad + width + 2 :] < 128).any()  # label, ticks
+    assert (image[top + bar :, 400 + pad : 400 + pad + width] == 255).all()  # white below the bar
+
+
+# ---- patches files name their slide by an absolute path -----------------------------------------
+
+def test_patches_files_store_the_slide_path_absolute(tmp_path, monkeypatch):
+    import os
+
+    from histoscope.io.sample import make_sample_slide
+    from histoscope.tiling import patches_path, read_patches
+
+    (tmp_path / "work" / "slides").mkdir(parents=True)
+    make_sample_slide(tmp_path / "work" / "slides" / "a.svs", width=2048, height=1536, seed=3)
+    monkeypatch.chdir(tmp_path / "work")
+    (tmp_path / "work" / "cohort.csv").write_text("path\nslides/a.svs\n")  # relative to the CSV
+    for given, out in (("slides/a.svs", "out1"), ("./slides/../slides", "out2"), ("cohort.csv", "out3")):
+        result = runner.invoke(app, ["tile", given, "--out", out, "--workers", "0"])
+        assert result.exit_code == 0, result.output
+        _, attrs = read_patches(patches_path(out, "a"))
+        assert attrs["slide_path"] == str(tmp_path / "work" / "slides" / "a.svs")
+        assert os.path.isabs(attrs["slide_path"])
