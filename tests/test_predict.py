@@ -100,7 +100,7 @@ def test_predict_writes_heatmap_tiles_geojson_and_top_tiles(setup, tmp_path):
         expected_tiles = slide.read_tiles(top_coords, size=256, mpp=0.5)
     heatmap = np.asarray(Image.open(out / "heatmap.png"))
     assert thumbnail.shape == (384, 512, 3)
-    assert heatmap.shape == (384, 512 + colorbar_geometry(384)[-1], 3)  # the colour bar's panel on the right
+    assert heatmap.shape == (384, 512 + colorbar_geometry(384, "tile score percentile")[-1], 3)  # the colour bar's panel on the right
     for (x, y), rank in zip(setup["grid"] // 4, ranks):
         colour = (np.array(colormaps["jet"](rank)[:3]) * 255).round()
         expected = (0.5 * thumbnail[y : y + 128, x : x + 128] + 0.5 * colour).round()

@@ -96,7 +96,7 @@ def test_too_few_slides_for_the_folds_warns_and_reports_na(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert all(fold["metrics"]["auroc"]["value"] is None for fold in results["folds"])  # null, not 0
     assert results["pooled"]["metrics"]["auroc"]["value"] is not None  # 4 slides of 2 classes pooled
-    assert len(results["warnings"]) == 4  # the test sets; the validation fallback is logged per fold
+    assert len(results["warnings"]) == 8  # per fold: its 1 test and 1 validation slide (the monitor fallback is logged)
     history = json.loads((tmp_path / "run" / "fold_0" / "history.json").read_text())
     assert all(epoch["val_auroc"] is None for epoch in history)
     table = (tmp_path / "run" / "results.md").read_text()
@@ -111,6 +111,27 @@ def test_no_validation_patients_left_warns(tmp_path):
     assert result.exit_code == 0, result.output
     assert "warning: fold 0: no validation slides (2 training patients are too few for val_fraction=0.2)" in result.output
     assert "reported as n/a" not in result.output  # each test fold holds both classes
+    assert "only 2 validation slides" not in result.output
+
+
+def test_a_tiny_validation_set_warns(tmp_path):
+    from histoscope.train import load_recipe
+    from histoscope.train.data import read_table
+    from histoscope.train.run import small_data_warnings
+    from histoscope.train.splits import make_splits
+    from histoscope.train.synthetic import make_mil_cohort
+    from histoscope.train.tasks import make_task
+
+    cohort = make_mil_cohort(tmp_path / "c", slides=12, tiles=(5, 8), seed=1)
+    config = load_recipe("abmil_classification", [f"csv={cohort.csv}", f"features_dir={cohort.features_dir}",
+                                                  "folds=3"])
+    samples = read_table(config.csv, task=config.task)
+    splits = make_splits(samples, make_task(config, samples).strata(samples), folds=3, val_fraction=0.2, seed=0)
+    warnings = small_data_warnings(config, samples, splits)
+    assert [len(s.val) for s in splits] == [2, 2, 2]
+    assert warnings == [f"fold {k}: only 2 validation slides, so early stopping follows noise (an AUROC of 2 slides "
+                        "takes a few values only); with a small cohort set val_fraction=0 and a fixed number of "
+                        "epochs" for k in range(3)]
 
 
 # ---- the final model -------------------------------------------------------------------------

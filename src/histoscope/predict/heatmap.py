@@ -81,14 +81,27 @@ def colorbar_values(height: int) -> np.ndarray:
     return 1 - (np.arange(height) + 0.5) / height
 
 
-def colorbar_geometry(height: int) -> tuple[int, int, int, int, int]:
+def _font(height: int):
+    from PIL import ImageFont
+
+    size = int(np.clip(height // 60, 10, 36))
+    try:
+        return ImageFont.load_default(size=size)  # scalable (FreeType); Pillow >= 10.1
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def colorbar_geometry(height: int, label: str = "score percentile") -> tuple[int, int, int, int, int]:
     """``(top, bar height, left pad, bar width, panel width)`` of the colour bar beside an image
-    ``height`` px tall: the bar is 80% of the height, the panel wide enough for its tick labels."""
+    ``height`` px tall: the bar is 80% of the height; the panel holds the tick labels and, above
+    the bar, ``label``, in a font scaled with the image."""
+    font = _font(height)
     bar = max(1, round(height * 0.8))
     top = (height - bar) // 2
     bar_width = int(np.clip(height // 25, 8, 40))
     pad = 8
-    return top, bar, pad, bar_width, max(pad + bar_width + 40, 110)
+    ticks = pad + bar_width + 6 + int(np.ceil(font.getlength("100%"))) + pad
+    return top, bar, pad, bar_width, max(ticks, int(np.ceil(font.getlength(label))) + 2 * pad)
 
 
 def with_colorbar(image: np.ndarray, *, cmap: str = "jet", label: str = "score percentile") -> np.ndarray:
@@ -97,24 +110,24 @@ def with_colorbar(image: np.ndarray, *, cmap: str = "jet", label: str = "score p
 
     Returns
     -------
-    (h, w + panel, 3) uint8; the panel's bar spans rows ``top … top + bar`` at columns
-    ``w + pad … w + pad + bar_width`` (see :func:`colorbar_geometry`).
+    (h, w + panel, 3) uint8; the bar spans rows ``top … top + bar`` at columns
+    ``w + pad … w + pad + bar width`` (see :func:`colorbar_geometry`).
     """
     from PIL import Image, ImageDraw
 
     height = image.shape[0]
-    top, bar, pad, bar_width, panel_width = colorbar_geometry(height)
+    top, bar, pad, bar_width, panel_width = colorbar_geometry(height, label)
+    font = _font(height)
     panel = np.full((height, panel_width, 3), 255, dtype=np.uint8)
     panel[top : top + bar, pad : pad + bar_width] = colorize(colorbar_values(bar), cmap)[:, None, :]
     canvas = Image.fromarray(panel)
     draw = ImageDraw.Draw(canvas)
-    text_x = pad + bar_width + 3
+    right = pad + bar_width
     for fraction, text in ((1.0, "100%"), (0.5, "50%"), (0.0, "0%")):
         y = top + round((1 - fraction) * (bar - 1))
-        draw.line([(pad + bar_width, y), (pad + bar_width + 2, y)], fill=(0, 0, 0))
-        draw.text((text_x, y - 5), text, fill=(0, 0, 0))
-    if top >= 12:
-        draw.text((pad, top - 12), label, fill=(0, 0, 0))
+        draw.line([(right, y), (right + 3, y)], fill=(0, 0, 0))
+        draw.text((right + 6, y), text, fill=(0, 0, 0), font=font, anchor="lm")
+    draw.text((pad, top - 4), label, fill=(0, 0, 0), font=font, anchor="ld")
     return np.concatenate([image, np.asarray(canvas)], axis=1)
 
 

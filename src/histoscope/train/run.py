@@ -47,6 +47,9 @@ from histoscope.utils.device import resolve_device, resolve_dtype
 
 __all__ = ["train", "final_dir", "final_epochs", "fold_dir", "results_path", "small_data_warnings"]
 
+# Fewer validation slides than this make early stopping a coin toss (warned about).
+MIN_VALIDATION_SLIDES = 10
+
 # Settings that cannot change what a run computes, so a resumed run may differ in them.
 _RESUME_FREE = {"device", "out_dir", "cache_gb", "bootstrap", "final"}
 
@@ -261,6 +264,10 @@ def small_data_warnings(config: TrainConfig, samples: list[Sample], splits: list
             warnings.append(f"fold {split.fold}: no validation slides ({patients} training patients are too few for "
                             f"val_fraction={config.val_fraction:g}); it trains all {config.epochs} epochs without "
                             "early stopping")
+        elif 0 < len(split.val) < MIN_VALIDATION_SLIDES:
+            warnings.append(f"fold {split.fold}: only {len(split.val)} validation slides, so early stopping follows "
+                            f"noise (an AUROC of {len(split.val)} slides takes a few values only); with a small "
+                            "cohort set val_fraction=0 and a fixed number of epochs")
         undefined = probe.undefined_metrics([samples[i] for i in split.test])
         if undefined:
             warnings.append(f"fold {split.fold}: {', '.join(undefined)} cannot be computed on its {len(split.test)} "
