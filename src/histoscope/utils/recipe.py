@@ -162,6 +162,8 @@ def list_recipes(package: str) -> dict[str, str]:
         if entry.name.endswith(".yaml"):
             lines = entry.read_text(encoding="utf-8").splitlines()
             summary = lines[0].lstrip("#").strip() if lines and lines[0].startswith("#") else ""
+            if summary and not summary.endswith("."):
+                summary += " …"  # the description goes on in the file
             recipes[entry.name[: -len(".yaml")]] = summary
     return recipes
 
