@@ -13,7 +13,7 @@ warm-up step, all measured in this run):
                     and augmented by data-loader workers while the model trains
 The "data not the bottleneck" ratio is compute / pipeline (>= 0.85 wanted).
 
-With --slide-mae: slide-level MAE (`histoscope pretrain slide_mae`, recipes/slide_mae_gigapath.yaml:
+With --slide-mae: slide-level MAE (`histoscope pretrain slide_mae`, slide_mae_gigapath:
 Prov-GigaPath's LongNet, 12 layers x 768, 75% of the tiles masked, a 2-layer 384-wide decoder
 over all tiles) on one slide of --tiles tiles (1536-d embeddings on a square grid). Each case
 runs in a fresh process (peak memory = its peak RSS; "step delta" = the rise during the steps):

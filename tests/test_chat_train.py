@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import histoscope
 import torch
 from typer.testing import CliRunner
 
@@ -20,7 +22,7 @@ from histoscope.train.chat import load_chat_recipe, train_chat
 from histoscope.train.chat.synthetic import QUESTIONS, make_synthetic_chat, zero_features
 from histoscope.train.config import ConfigError
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(histoscope.__file__).parent / "train" / "chat" / "recipes"  # shipped with the package
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

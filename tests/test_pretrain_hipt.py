@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import histoscope
 import torch
 
 from histoscope.io.features_h5 import write_features
@@ -20,7 +22,7 @@ from histoscope.pretrain.objective import RunInfo
 from histoscope.slide import load_slide_model
 from histoscope.slide.models.hipt import load_vit4k_dino, region_grids
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(histoscope.__file__).parent / "pretrain" / "recipes"  # shipped with the package
 TILE = 512
 ATTRS = {"patch_size": 256, "patch_size_level0": TILE, "target_mpp": 0.5, "level0_mpp": 0.25}
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import histoscope
 import torch
 from safetensors.torch import load_file
 
@@ -17,7 +19,7 @@ from histoscope.pretrain import get_objective, load_pretrain_recipe, pretrain
 from histoscope.pretrain.mae import grid_sincos, mae_loss, patchify, random_masking
 from histoscope.pretrain.objective import RunInfo
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(histoscope.__file__).parent / "pretrain" / "recipes"  # shipped with the package
 ARCH = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32, "init_values": None}
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import histoscope
 import torch
 
 from histoscope.io.features_h5 import write_features
@@ -17,7 +19,7 @@ from histoscope.pretrain.objective import RunInfo
 from histoscope.pretrain.slide_mae import SlideMAECollate, SlideMAEStudent, keep_by_noise
 from histoscope.slide import load_slide_model
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(histoscope.__file__).parent / "pretrain" / "recipes"  # shipped with the package
 TILE = 512  # level-0 px per tile
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import histoscope
 from histoscope.cli.main import app
 from histoscope.eval.report_metrics import bleu4, diagnosis_match, evaluate_reports, keyword_match, meteor, rouge_l
 from histoscope.io.features_h5 import features_path, read_features, write_features
@@ -26,7 +27,7 @@ from histoscope.train.report import load_report_recipe, train_report
 from histoscope.train.report.data import assign_roles, draw_paraphrase, read_reports, token_batch
 from histoscope.train.report.synthetic import DIAGNOSES, MARGINS, make_report_cohort
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(histoscope.__file__).parent / "train" / "report" / "recipes"  # shipped with the package
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

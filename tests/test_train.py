@@ -280,8 +280,6 @@ def test_recipes_and_overrides(tmp_path):
         recipe = yaml.safe_load(path.read_text())
         if "pairs" in recipe or "objective" in recipe:
             continue  # train-align (test_align_train.py) and pretrain (test_pretrain_run.py) recipes
-        if "stage1" in recipe:
-            continue  # train-chat recipes (test_chat_train.py)
         config = load_recipe(path)
         assert config.csv and config.features_dir, path
     config = load_recipe(RECIPES / "survival_cox.yaml", ["survival.loss=discrete", "survival.bins=6", "lr=1e-4",

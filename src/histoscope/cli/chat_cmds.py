@@ -14,18 +14,21 @@ from typing import Annotated, Optional
 import typer
 
 from histoscope.cli.errors import BATCH_FAILED
+from histoscope.cli.recipes import list_option, recipe_and_overrides
 
 __all__ = ["register"]
 
 
 def train_chat(
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (recipes/chat_tiny.yaml, recipes/pathchat_llama.yaml).", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Argument(help="Recipe name (see --list: chat_tiny, pathchat_llama) or a YAML file.", show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides, dotted for sections: conversations=CONV.json features_dir=DIR out=RUN stage2.lm=lora",
         show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 (recipe's device).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in the output folder instead of resuming it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")] = False,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=list_option("histoscope.train.chat", "train-chat"),
+                                        help="List the shipped recipes and exit.")] = False,
 ) -> None:
     """Train an assistant on LLaVA-format conversations: stage 1 (projector, LM frozen), then stage 2 (with the LM).
 
@@ -34,10 +37,7 @@ def train_chat(
     from histoscope.train.chat import load_chat_recipe
     from histoscope.train.chat import train_chat as run_training
 
-    items = list(overrides or [])
-    if recipe is not None and "=" in str(recipe):  # no recipe file, overrides only
-        items, recipe = [str(recipe), *items], None
-    config = load_chat_recipe(recipe, items)
+    config = load_chat_recipe(*recipe_and_overrides(recipe, overrides))
     if device is not None:
         config.device = device
     result = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo, progress=not quiet)

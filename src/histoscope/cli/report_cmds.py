@@ -11,25 +11,27 @@ from typing import Annotated, Optional
 import typer
 
 from histoscope.cli.errors import BATCH_FAILED, one_of
+from histoscope.cli.recipes import list_option, recipe_and_overrides
 
 __all__ = ["register"]
 
 
 def train_report(
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/histogpt_*.yaml).", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Argument(help="Recipe name (see --list: histogpt_tiny, histogpt_1b) or a YAML file.", show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides: reports=REPORTS.csv features_dir=DIR out=RUN epochs=30 train_lm=true",
         show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 (recipe's device).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in the output folder instead of resuming it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")] = False,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=list_option("histoscope.train.report", "train-report"),
+                                        help="List the shipped recipes and exit.")] = False,
 ) -> None:
     """Train a report model (HistoGPT) on a CSV of slide reports and a features folder.
 
     Stage 1: the resampler as a MIL classifier of the label column; stage 2: the report
     decoder by teacher forcing after the prompt. A rerun into the same folder resumes.
     """
-    from histoscope.cli.recipes import recipe_and_overrides
     from histoscope.train.report import load_report_recipe
     from histoscope.train.report import train_report as run_training
 

@@ -105,6 +105,6 @@ def load_chat_recipe(path: str | Path | None = None, overrides: list[str] | None
 
     Examples
     --------
-    >>> load_chat_recipe("recipes/chat_tiny.yaml", ["conversations=conv.json", "features_dir=feats"])  # doctest: +SKIP
+    >>> load_chat_recipe("chat_tiny", ["conversations=conv.json", "features_dir=feats"])  # doctest: +SKIP
     """
-    return build_config(ChatConfig, read_recipe(path, overrides)).validate()
+    return build_config(ChatConfig, read_recipe(path, overrides, package="histoscope.train.chat")).validate()

@@ -317,7 +317,7 @@ def train_chat(config: ChatConfig, *, overwrite: bool = False, log: Callable[[st
     Examples
     --------
     >>> from histoscope.train.chat import load_chat_recipe, train_chat                           # doctest: +SKIP
-    >>> train_chat(load_chat_recipe("recipes/chat_tiny.yaml", ["conversations=conv.json", "features_dir=feats"]))  # doctest: +SKIP
+    >>> train_chat(load_chat_recipe("chat_tiny", ["conversations=conv.json", "features_dir=feats"]))  # doctest: +SKIP
     """
     config.validate()
     log = log or (lambda message: None)

@@ -99,9 +99,9 @@ def load_report_recipe(path: str | Path | None = None, overrides: list[str] | No
 
     Examples
     --------
-    >>> config = load_report_recipe("recipes/histogpt_tiny.yaml", ["reports=reports.csv", "features_dir=feats"])  # doctest: +SKIP
+    >>> config = load_report_recipe("histogpt_tiny", ["reports=reports.csv", "features_dir=feats"])  # doctest: +SKIP
     """
-    data = read_recipe(path, overrides)
+    data = read_recipe(path, overrides, package="histoscope.train.report")
     for alias, key in _ALIASES.items():
         if alias in data:
             if key in data and overrides and any(o.startswith(f"{key}=") for o in overrides):

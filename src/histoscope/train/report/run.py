@@ -254,7 +254,7 @@ def train_report(config: ReportConfig, *, overwrite: bool = False, log: Callable
     Examples
     --------
     >>> from histoscope.train.report import load_report_recipe, train_report                 # doctest: +SKIP
-    >>> train_report(load_report_recipe("recipes/histogpt_tiny.yaml",                        # doctest: +SKIP
+    >>> train_report(load_report_recipe("histogpt_tiny",                        # doctest: +SKIP
     ...                                 ["reports=reports.csv", "features_dir=features", "out_dir=run"]))
     """
     config.validate()
