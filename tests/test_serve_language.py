@@ -1,4 +1,5 @@
-"""histoscope serve with a real assistant: ``POST /api/slides/{id}/chat`` over a run folder of
+"""histoscope serve over the language models' real outputs. The report panel: what `histoscope report`
+wrote (a tiny HistoGPT in the authors' layout) is what /api/slides/{id}/report returns. Chat, with a real assistant: ``POST /api/slides/{id}/chat`` over a run folder of
 ``histoscope train-chat`` (a tiny ChatModel saved in that format) answers what the assistant answers
 for the same features file and conversation; a slide without features is a clear 404, one with another
 encoder's features a 422 naming the file."""
@@ -17,6 +18,7 @@ from histoscope.io.sample import make_sample_slide  # noqa: E402
 from histoscope.language.chat import Assistant, build_chat_model, get_template, save_chat_model  # noqa: E402
 from histoscope.language.chat.tokenizer import train_chat_tokenizer  # noqa: E402
 from histoscope.language.chat.trained import chat_model_path, save_chat_tokenizer  # noqa: E402
+from histoscope.language.report_text import train_report_tokenizer  # noqa: E402
 from histoscope.serve.app import create_app  # noqa: E402
 from histoscope.serve.chat import load_chat_backend  # noqa: E402
 
@@ -90,3 +92,47 @@ def test_slide_without_usable_features_is_a_clear_4xx(site):
     assert wrong.json()["detail"] == (
         "OUT/features_conch/other_encoder.h5 holds 5-dim features; the chat model reads 12-dim ones: embed the "
         "slide with its encoder (or pick that features folder: serve --chat-encoder)")
+
+
+def test_report_panel_shows_what_histoscope_report_wrote(site, tmp_path):
+    """`histoscope report FEATURES --out OUT/reports` with published-layout weights; the API (what the viewer's
+    report panel shows) returns each slide's report as written, and none for a slide without one."""
+    from typer.testing import CliRunner
+
+    from histoscope.cli.main import app
+    from histoscope.language import get_report_model_spec, load_report_model
+
+    out = tmp_path / "out"
+    features = features_path(features_folder(out, "ctranspath"), "with_features")
+    rng = np.random.default_rng(1)
+    write_features(features, rng.normal(size=(5, 16)).astype(np.float32), np.arange(10).reshape(5, 2) * 256)
+    tokenizer = train_report_tokenizer(["Final diagnosis: melanoma, margins clear.",
+                                        "Final diagnosis: naevus, margins involved."] * 5, vocab_size=80)
+    tokenizer.save_pretrained(tmp_path / "biogpt_tokenizer")
+    torch.manual_seed(0)
+    lm_config, resampler_config = get_report_model_spec("histogpt").tiny  # 16-dim features in
+    # published weights are read with the published head widths (64 in BioGPT, 96 in the resampler): one head each
+    model = load_report_model("histogpt", lm_config={**lm_config, "vocab_size": len(tokenizer), "hidden_size": 64,
+                                                     "num_attention_heads": 1},
+                              resampler_config={**resampler_config, "dim_head": 96, "num_heads": 1})
+    torch.save(model.official_state_dict(), tmp_path / "histogpt-tiny.pth")
+    result = CliRunner().invoke(app, ["report", str(features), "--model", str(tmp_path / "histogpt-tiny.pth"),
+                                      "--tokenizer", str(tmp_path / "biogpt_tokenizer"), "--out", str(out / "reports"),
+                                      "--max-new-tokens", "6", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    import csv
+
+    with open(out / "reports" / "reports.csv", newline="") as fh:
+        written = {row["slide_id"]: row["report"] for row in csv.DictReader(fh)}
+    assert list(written) == ["with_features"] and written["with_features"]
+    assert (out / "reports" / "with_features.txt").read_text() == written["with_features"] + "\n"
+
+    client = TestClient(create_app(out, [site["slides"]], rate=0))
+    assert client.get("/api/slides/with_features").json()["outputs"]["report"] is True
+    assert client.get("/api/slides/with_features/report").json() == {
+        "source": "reports/with_features.txt", "report": written["with_features"]}
+    assert client.get("/api/slides/without_features").json()["outputs"]["report"] is False
+    assert client.get("/api/slides/without_features/report").status_code == 404
+    (out / "reports" / "with_features.txt").unlink()  # the table alone is enough
+    assert client.get("/api/slides/with_features/report").json() == {
+        "source": "reports/reports.json", "report": written["with_features"]}
