@@ -436,6 +436,8 @@ def test_chat_backend_feeds_the_slides_features(site, monkeypatch, tmp_path):
     calls = []
 
     class Assistant:  # the language package's interface: Assistant.load(run, device=...).ask(image, questions)
+        model = types.SimpleNamespace(image_dim=4)  # the width of the features it reads
+
         @classmethod
         def load(cls, run, *, device):
             calls.append(("load", str(run), str(device)))

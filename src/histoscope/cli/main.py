@@ -218,8 +218,8 @@ def run(
 
 @app.command()
 def models(
-    kind: Annotated[str, typer.Option(callback=one_of("tile", "slide", "align", "all"),
-                                      help="tile, slide, align or all.")] = "all",
+    kind: Annotated[str, typer.Option(callback=one_of("tile", "slide", "align", "report", "all"),
+                                      help="tile, slide, align, report or all.")] = "all",
 ) -> None:
     """List registered models with their embedding size, preprocessing and weight source."""
     if kind in ("tile", "all"):
@@ -246,6 +246,14 @@ def models(
         typer.echo("Image–text models (histoscope train-align model=NAME)")
         for name in list_align_models():
             typer.echo(f"  {name:16} {get_align_model_spec(name).description}")
+    if kind in ("report", "all"):
+        from histoscope.language import get_report_model_spec, list_report_models
+
+        typer.echo("Report models (histoscope train-report model=NAME; histoscope report --model WEIGHTS)")
+        for name in list_report_models():
+            spec = get_report_model_spec(name)
+            source = f"{spec.hf_repo}/{spec.hf_filename}" if spec.hf_repo else "-"  # "-": a local file only
+            typer.echo(f"  {name:16} {source:46} {spec.license:10} {spec.description}")
 
 
 @app.command()

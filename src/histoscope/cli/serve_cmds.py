@@ -23,6 +23,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     token: Annotated[Optional[str], typer.Option(envvar="HISTOSCOPE_SERVE_TOKEN", show_envvar=True, help="Required on /api and /dzi (Authorization: Bearer TOKEN or ?token=TOKEN); the variable keeps it out of the process list.")] = None,
     chat: Annotated[Optional[Path], typer.Option(help="A histoscope train-chat run: enables POST /api/slides/{id}/chat.")] = None,
+    chat_encoder: Annotated[Optional[str], typer.Option(help="Features the chat model reads: OUT/features_<name> (default: the first folder with the slide).")] = None,
     rate_limit: Annotated[float, typer.Option(min=0, help="Requests per second per client (0: no limit).")] = 200.0,
     cache_mb: Annotated[int, typer.Option(min=0, help="Memory for encoded tiles, MB.")] = 256,
 ) -> None:
@@ -45,7 +46,7 @@ def serve(
         from histoscope.serve.chat import load_chat_backend
 
         try:
-            backend = load_chat_backend(chat, out)
+            backend = load_chat_backend(chat, out, encoder=chat_encoder)
         except RuntimeError as error:
             fail(str(error))
     typer.echo(f"serving {out} with slides from {', '.join(map(str, slides))} on http://{host}:{port}/"

@@ -283,7 +283,7 @@ def create_app(out_dir: str | Path, slide_roots: list[str | Path], *, token: str
         try:
             answer = chat(slide_id, request.question, [(t.question, t.answer) for t in request.history])
         except ChatUnavailable as error:
-            raise HTTPException(404, str(error)) from None
+            raise HTTPException(error.status, str(error)) from None
         return {"answer": answer}
 
     @app.get("/dzi/{slide_id}.dzi", summary="Deep Zoom descriptor (Size = level-0 dimensions)",

@@ -20,7 +20,12 @@ ChatBackend = Callable[[str, str, list[tuple[str, str]]], str]
 
 
 class ChatUnavailable(LookupError):
-    """The chat model cannot answer about this slide (no features for it)."""
+    """The chat model cannot answer about this slide: no features for it (HTTP ``status`` 404), or
+    features it cannot read (422: damaged, empty, another encoder's width)."""
+
+    def __init__(self, message: str, *, status: int = 404):
+        super().__init__(message)
+        self.status = status
 
 
 def _features_file(out_dir: Path, slide_id: str, encoder: str | None) -> Path:
@@ -33,6 +38,21 @@ def _features_file(out_dir: Path, slide_id: str, encoder: str | None) -> Path:
             return path
     raise ChatUnavailable(f"no features file of slide {slide_id!r} in OUT/features_*; run histoscope embed "
                           "with the chat model's encoder first")
+
+
+def _check_features(path: Path, out_dir: Path, dim: int) -> None:
+    from histoscope.io.features_h5 import FeaturesError, check_features
+
+    name = f"OUT/{path.relative_to(out_dir)}"
+    try:
+        _, width = check_features(path)
+    except FeaturesError as error:  # the reason without the server's absolute path
+        reason = str(error).removeprefix(f"{error.path}: ")
+        raise ChatUnavailable(f"{name} cannot be used by the chat model: {reason}", status=422) from None
+    if width != dim:
+        raise ChatUnavailable(f"{name} holds {width}-dim features; the chat model reads {dim}-dim ones: embed the "
+                              "slide with its encoder (or pick that features folder: serve --chat-encoder)",
+                              status=422)
 
 
 def load_chat_backend(run: str | Path, out_dir: str | Path, *, encoder: str | None = None,
@@ -63,6 +83,7 @@ def load_chat_backend(run: str | Path, out_dir: str | Path, *, encoder: str | No
 
     def answer(slide_id: str, question: str, history: list[tuple[str, str]]) -> str:
         features = _features_file(out_dir, slide_id, encoder)
+        _check_features(features, out_dir, assistant.model.image_dim)
         with lock:
             return assistant.ask(features, [q for q, _ in history] + [question])[-1]
 

@@ -187,7 +187,8 @@ def slide_report(catalog: Catalog, slide_id: str) -> dict[str, str] | None:
     for folder in catalog.output_dirs():
         text = catalog.output(folder / f"{slide_id}.txt")
         if text is not None:
-            return {"source": str(text.relative_to(catalog.out_dir)), "report": text.read_text(errors="replace")}
+            report = text.read_text(errors="replace").removesuffix("\n")  # the text file's line end, not the report's
+            return {"source": str(text.relative_to(catalog.out_dir)), "report": report}
         for name in ("reports.json", "reports.csv"):
             table = catalog.output(folder / name)
             if table is None:
