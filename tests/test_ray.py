@@ -235,3 +235,19 @@ def test_train_folds_as_parallel_ray_tasks_and_predict_on_ray_give_the_local_res
     some = next(iter(local.records))
     assert (tmp_path / "pred_ray" / some / "tile_scores.csv").read_bytes() == \
            (tmp_path / "pred_local" / some / "tile_scores.csv").read_bytes()
+
+
+def test_report_on_ray_equals_local_and_a_rerun_skips_every_slide(executor, tmp_path, tiny_report_model,
+                                                                  one_torch_thread):
+    from histoscope.predict.report import DecodeSettings, write_reports
+
+    weights, tokenizer, files = tiny_report_model(tmp_path, slides=3)
+    options = {"model": weights, "tokenizer": tokenizer, "settings": DecodeSettings(max_new_tokens=5), "batch_size": 2,
+               "device": "cpu"}
+    local = write_reports(files, out_dir=tmp_path / "local", **options)
+    on_ray = write_reports(files, out_dir=tmp_path / "ray", executor=executor, **options)  # batches as Ray tasks
+    assert not on_ray.failed and on_ray.reports == local.reports and len(set(local.reports.values())) == 3
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "local")  # reports.csv, .json and each .txt
+    again = write_reports(files, out_dir=tmp_path / "ray", executor=executor, **options)
+    assert again.skipped == ["s0", "s1", "s2"] and _digests(tmp_path / "ray") == _digests(tmp_path / "local")
+    assert sorted(r["slide"] for r in _report(tmp_path / "ray")) == ["s0", "s1", "s2"]
