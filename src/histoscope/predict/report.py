@@ -322,25 +322,32 @@ def write_reports(features: Sequence[str | Path], *, model: str | Path, out_dir:
                 runs.update(slides[slide_id], record)
             log(f"{written} of {len(todo)} reports written")
         remove_stale_partials(out_dir)  # a worker killed mid-slide left its temporary file
-        reports: dict[str, str] = {}
-        failed: dict[str, str] = {}
-        # earlier runs' slides in their order, then this run's new ones in the order given: the
-        # same tables however a run was split, whichever batch finished first
-        known = set(earlier)
-        runs.records = {s: runs.records[s] for s in [*earlier, *(s for s in slides if s not in known)]}
-        runs.save()
-        for slide_id in runs.records:
-            record = runs.records[slide_id]
-            if record.get("status") == "ok" and record.get("settings_sha256") == digest:
-                try:
-                    reports[slide_id] = _read_report(out_dir, slide_id)
-                except FileNotFoundError:  # removed since: no longer a result
-                    pass
-            elif slide_id in slides:
-                failed[slide_id] = record.get("error", "failed")
+        reports, failed = _results(out_dir, runs, earlier, list(slides), digest)
         _write_tables(out_dir, reports, failed, model=model, prompt=prompt, settings=settings, meta=meta,
                       digest=digest)
     return ReportResult(reports, failed, skipped=[job.name for job in skipped])
+
+
+def _results(out_dir: Path, runs: RunReport, earlier: list[str], slides: list[str],
+             digest: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The reports written with ``digest`` (this run's and earlier runs') and this run's failures;
+    the run report put in a fixed order first: earlier runs' slides in their order, then this
+    run's new ones in the order given, so the tables are the same however a run was split and
+    whichever batch finished first."""
+    known, current = set(earlier), set(slides)
+    runs.records = {s: runs.records[s] for s in [*earlier, *(s for s in slides if s not in known)]}
+    runs.save()
+    reports: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for slide_id, record in runs.records.items():
+        if record.get("status") == "ok" and record.get("settings_sha256") == digest:
+            try:
+                reports[slide_id] = _read_report(out_dir, slide_id)
+            except FileNotFoundError:  # removed since: no longer a result
+                pass
+        elif slide_id in current:
+            failed[slide_id] = record.get("error", "failed")
+    return reports, failed
 
 
 def _write_tables(out_dir: Path, reports: dict[str, str], failed: dict[str, str], *, model, prompt: str,
