@@ -159,7 +159,7 @@ def main() -> None:
                  f"precision={args.precision}", "optim.epochs=1", f"optim.epoch_length={total}",
                  "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0", "teacher.warmup_teacher_temp_epochs=0",
                  "log_every=1", "tensorboard=false", "device=cpu"]
-    recipe = load_pretrain_recipe("dinov2", Path(__file__).parents[1] / "recipes" / "dinov2_vits16.yaml", overrides)
+    recipe = load_pretrain_recipe("dinov2", "dinov2_vits16", overrides)
     device = torch.device("cpu")
     dtype = resolve_dtype(args.precision, device)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import histoscope
 from histoscope.cli.main import app
 from histoscope.eval.zeroshot import zeroshot_eval
 from histoscope.io.pairs import read_pair_image, read_pairs
@@ -23,7 +24,7 @@ from histoscope.train.align import AlignConfig, load_align_recipe, train_align
 from histoscope.train.align.synthetic import make_synthetic_pairs
 from histoscope.train.config import ConfigError
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(histoscope.__file__).parent / "train" / "align" / "recipes"  # shipped with the package
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -1,4 +1,4 @@
-"""Fine-tuning from a checkpoint: ``recipes/gigapath_finetune.yaml`` run on a synthetic
+"""Fine-tuning from a checkpoint: the shipped ``gigapath_finetune`` recipe run on a synthetic
 cohort from a Prov-GigaPath slide encoder written in the official key layout, with the
 optimizer's layer-decayed learning rates checked against Prov-GigaPath's own rule
 (``finetune/utils.py``: ``param_groups_lrd`` and ``get_layer_id``) and the encoder left
@@ -12,13 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import histoscope
 from histoscope.cli.main import app
 from histoscope.slide import SlideWeightsError, get_slide_model_spec, load_slide_model
 from histoscope.slide.trained import load_trained_model
 from histoscope.train import ConfigError, load_recipe, train
 from histoscope.train.synthetic import make_mil_cohort
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gigapath_finetune.yaml"
+RECIPE = Path(histoscope.__file__).parent / "train" / "recipes" / "gigapath_finetune.yaml"
 DIM = 32
 HEAD = get_slide_model_spec("gigapath_slide").is_head
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

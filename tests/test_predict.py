@@ -17,6 +17,7 @@ from histoscope.cli.main import app
 from histoscope.io.features_h5 import read_features, write_features
 from histoscope.io.sample import make_sample_slide
 from histoscope.predict import paint_heatmap, percentile_scores, predict_slides, tiles_geojson
+from histoscope.predict.heatmap import colorbar_geometry
 from histoscope.slide.trained import load_trained_model
 from histoscope.train import TrainConfig, train
 from histoscope.train.synthetic import GEOMETRY, make_mil_cohort
@@ -98,7 +99,8 @@ def test_predict_writes_heatmap_tiles_geojson_and_top_tiles(setup, tmp_path):
         top_coords = setup["grid"][np.argsort(-scores)[:3]]
         expected_tiles = slide.read_tiles(top_coords, size=256, mpp=0.5)
     heatmap = np.asarray(Image.open(out / "heatmap.png"))
-    assert heatmap.shape == thumbnail.shape == (384, 512, 3)
+    assert thumbnail.shape == (384, 512, 3)
+    assert heatmap.shape == (384, 512 + colorbar_geometry(384, "tile score percentile")[-1], 3)  # the colour bar's panel on the right
     for (x, y), rank in zip(setup["grid"] // 4, ranks):
         colour = (np.array(colormaps["jet"](rank)[:3]) * 255).round()
         expected = (0.5 * thumbnail[y : y + 128, x : x + 128] + 0.5 * colour).round()

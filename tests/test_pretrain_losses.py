@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import histoscope
 from histoscope.pretrain import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from histoscope.pretrain.masking import BlockMaskGenerator, draw_masks
 from histoscope.pretrain.optim import param_groups
@@ -315,7 +316,7 @@ def test_dinov2_sums_and_scales_the_terms_as_ssl_meta_arch(centering, tmp_path):
     from histoscope.pretrain import get_objective, load_pretrain_recipe
     from histoscope.pretrain.objective import RunInfo
 
-    tiny = Path(__file__).resolve().parents[1] / "recipes" / "dinov2_tiny.yaml"
+    tiny = Path(histoscope.__file__).parent / "pretrain" / "recipes" / "dinov2_tiny.yaml"
     recipe = load_pretrain_recipe("dinov2", tiny, [f"data.images={tmp_path}", "student.drop_path_rate=0",
                                                    f"centering={centering}", "optim.batch_size=4",
                                                    # no LayerScale, so that KoLeo's distances are not at float32's

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+import histoscope
 from histoscope import open_slide
 from histoscope.encoders import get_tile_encoder_spec, list_tile_encoders, load_tile_encoder
 from histoscope.io.sample import make_sample_slide
@@ -26,7 +27,7 @@ from histoscope.pretrain import load_pretrain_recipe, pretrain
 from histoscope.pretrain.backbone import MaskedViT, NotAViTError
 from histoscope.tiling import read_patches
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(histoscope.__file__).parent / "pretrain" / "recipes"  # shipped with the package
 TINY = RECIPES / "dinov2_tiny.yaml"
 ARCH = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
 # The same optimisation with or without processes: no per-rank randomness (drop path) and no

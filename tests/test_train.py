@@ -13,6 +13,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+import histoscope
 from histoscope.cli.main import app
 from histoscope.io.features_h5 import read_features, write_features
 from histoscope.slide import list_slide_models, load_slide_model
@@ -35,7 +36,7 @@ from histoscope.train import (
 )
 from histoscope.train.synthetic import make_mil_cohort, make_survival_cohort
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(histoscope.__file__).parent / "train" / "recipes"  # shipped with the package
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

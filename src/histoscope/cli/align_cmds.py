@@ -10,11 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from histoscope.cli.recipes import list_option
+
 __all__ = ["register"]
 
 
 def train_align(
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/align_*.yaml).", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Argument(
+        help="Recipe name (see --list), e.g. align_tiny, or a YAML file.", show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides, dotted for sections: pairs=PAIRS.csv epochs=20 model_args.decoder_layers=2",
         show_default=False)] = None,
@@ -22,6 +25,9 @@ def train_align(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 (recipe's device).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in the output folder instead of resuming it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")] = False,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True,
+                                        callback=list_option("histoscope.train.align", "train-align"),
+                                        help="List the shipped recipes and exit.")] = False,
 ) -> None:
     """Train an image–text model (CLIP/CoCa, or fine-tune CONCH) on a CSV of images or features files and captions.
 

@@ -11,15 +11,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from histoscope.cli.recipes import list_option
+
 __all__ = ["register"]
 
 
 def pretrain(
     objective: Annotated[str, typer.Argument(help="Pretraining method: dinov2, mae (tile encoders), slide_mae "
                                                   "(LongNet slide encoder), hipt256, hipt4k (HIPT's two levels).")],
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/dinov2_*, mae_*, slide_mae_*, "
-                                                          "hipt_*.yaml).",
-                                                     show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Argument(
+        help="Recipe name (see --list), e.g. dinov2_vits16, mae_tiny, slide_mae_gigapath, or a YAML file.",
+        show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides, dotted for sections: optim.batch_size=256 data.patches=[OUT] crops.local_crops_number=6",
         show_default=False)] = None,
@@ -27,6 +29,9 @@ def pretrain(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda (recipe's device; under torchrun each process takes cuda:LOCAL_RANK).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh instead of resuming the run in the output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-step lines or progress bar.")] = False,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True,
+                                        callback=list_option("histoscope.pretrain", "pretrain OBJECTIVE"),
+                                        help="List the shipped recipes and exit.")] = False,
 ) -> None:
     """Pretrain a tile encoder (any ViT of `histoscope models`) on tiles streamed from slides, or a
     slide model (slide_mae, hipt4k) on tile embeddings streamed from features files.

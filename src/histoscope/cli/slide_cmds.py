@@ -12,12 +12,14 @@ import typer
 
 from histoscope.cli.errors import BATCH_FAILED, check_mpp, one_of
 from histoscope.cli.executor_opts import AddressOpt, ExecutorOpt, gpus_per_task, ray_or_none
+from histoscope.cli.recipes import list_option
 
 __all__ = ["register"]
 
 
 def train(
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/).", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Argument(
+        help="Recipe name (see --list), e.g. abmil_classification, or a YAML file.", show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides, dotted for sections: epochs=30 survival.loss=discrete model_args.dropout=0.1",
         show_default=False)] = None,
@@ -27,6 +29,8 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
     executor: ExecutorOpt = "local",
     address: AddressOpt = None,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=list_option("histoscope.train", "train"),
+                                        help="List the shipped recipes and exit.")] = False,
 ) -> None:
     """Cross-validated training of a slide model from a slide CSV and a features folder.
 
@@ -34,6 +38,7 @@ def train(
     """
     from histoscope.train import load_recipe
     from histoscope.train import train as run_training
+    from histoscope.train.loop import format_value
     from histoscope.train.run import results_path
 
     items = list(overrides or [])
@@ -50,8 +55,14 @@ def train(
     pooled = results["pooled"]
     typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")
     for name, entry in pooled["metrics"].items():
-        typer.echo(f"  {name:18s} {entry['value']:.4f}  (95% CI {entry['ci_low']:.4f}–{entry['ci_high']:.4f})")
+        value, low, high = (format_value(entry[k], ".4f") for k in ("value", "ci_low", "ci_high"))
+        typer.echo(f"  {name:18s} {value}" + (f"  (95% CI {low}–{high})" if low != "n/a" else ""))
+    if quiet:
+        for warning in results["warnings"]:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"results: {results_path(config.out_dir)}")
+    if "final" in results:
+        typer.echo(f"final model (all slides, for predict): {results['final']['checkpoint']}")
 
 
 def predict(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from histoscope.encoders.registry import Preprocess
 
-__all__ = ["preprocess_tiles", "resized_size"]
+__all__ = ["normalize_tiles", "preprocess_tiles", "resize_tiles", "resized_size"]
 
 
 def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -47,8 +47,16 @@ def _center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
 def preprocess_tiles(tiles: np.ndarray | torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """``tiles`` (N, H, W, 3) uint8 RGB -> (N, 3, h, w) float32, normalised.
 
-    A single tile (H, W, 3) is accepted and returned as a batch of one.
+    A single tile (H, W, 3) is accepted and returned as a batch of one. The same as
+    :func:`normalize_tiles` of :func:`resize_tiles`, which a pipeline can run apart: the
+    geometry where tiles are decoded, the normalisation on the model's device.
     """
+    return normalize_tiles(resize_tiles(tiles, preprocess), preprocess).contiguous()  # (N, 3, h, w)
+
+
+def resize_tiles(tiles: np.ndarray | torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """``tiles`` (N, H, W, 3) uint8 RGB -> (N, 3, h, w) uint8, resized and cropped, channels-last
+    in memory (a quarter of the bytes of the float batch, for the trip to the model's device)."""
     x = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
     if x.dtype != torch.uint8:
         raise TypeError(f"tiles must be uint8 RGB, got {x.dtype}")
@@ -60,6 +68,13 @@ def preprocess_tiles(tiles: np.ndarray | torch.Tensor, preprocess: Preprocess) -
     x = _resize(x, resized_size(x.shape[-2], x.shape[-1], preprocess.resize), preprocess.interpolation)
     if preprocess.crop is not None:
         x = _center_crop(x, preprocess.crop)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def normalize_tiles(x: torch.Tensor, preprocess: Preprocess, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, 3, h, w) uint8 -> the model's input in ``dtype``: ``(x / 255 - mean) / std`` computed
+    in float32 (torchvision's ``ToTensor`` + ``Normalize``) on ``x``'s device, memory layout kept."""
     mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return ((x.float() / 255.0 - mean) / std).contiguous()  # (N, 3, h, w)
+    y = x.to(torch.float32).div_(255.0).sub_(mean).div_(std)  # in place: one float buffer
+    return y if dtype == torch.float32 else y.to(dtype)

@@ -48,6 +48,13 @@ def _cell(entry: Mapping[str, float]) -> str:
     return f"{value:.3f} ({low:.3f}–{high:.3f})" if np.isfinite(low) else f"{value:.3f}"
 
 
+def _mean_cell(entry: Mapping[str, float]) -> str:
+    mean, std = entry["mean"], entry["std"]
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.3f} ± {std:.3f}" if np.isfinite(std) else f"{mean:.3f}"
+
+
 def results_markdown(results: Mapping[str, Any], *, title: str = "Results") -> str:
     names = list(results["pooled"]["metrics"])
     level = int(round(results["bootstrap"].get("level", 0.95) * 100))
@@ -57,8 +64,10 @@ def results_markdown(results: Mapping[str, Any], *, title: str = "Results") -> s
     for fold in results["folds"]:
         cells = " | ".join(_cell(fold["metrics"][name]) for name in names)
         lines.append(f"| fold {fold['fold']} | {fold['n']} | {cells} |")
-    mean = " | ".join(f"{results['fold_mean'][n]['mean']:.3f} ± {results['fold_mean'][n]['std']:.3f}" for n in names)
+    mean = " | ".join(_mean_cell(results["fold_mean"][n]) for n in names)
     lines.append(f"| mean ± std over folds | | {mean} |")
     pooled = " | ".join(_cell(results["pooled"]["metrics"][name]) for name in names)
     lines.append(f"| **pooled** | {results['pooled']['n']} | {pooled} |")
+    if results.get("warnings"):
+        lines += ["", "Warnings:", ""] + [f"- {warning}" for warning in results["warnings"]]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histoscope.encoders.preprocess import preprocess_tiles
+from histoscope.encoders.preprocess import normalize_tiles, resize_tiles
 from histoscope.io.errors import SlideError
 from histoscope.io.features_h5 import FeaturesWriter, features_folder, features_path
 from histoscope.io.outdir import OutputFolderError, output_folder
@@ -28,7 +28,7 @@ from histoscope.pipeline.batch import BatchResult, RunReport, run_batch
 from histoscope.pipeline.executors import Executor
 from histoscope.pipeline.inputs import SlideJob, collect_slides
 from histoscope.tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPP, DEFAULT_SIZE, TileGeometry, find_patches, read_patches
-from histoscope.tiling.dataset import TileSource, tile_loader
+from histoscope.tiling.dataset import TileSource, start_worker_server, tile_loader
 from histoscope.utils.device import resolve_device, resolve_dtype
 
 __all__ = ["EmbedParams", "embed_slide", "embed_slide_job", "embed_slides", "encoder_tiling", "features_done", "prepare_encoder"]
@@ -101,11 +101,9 @@ class _DeviceWorkers:
                 thread.start()
 
     def _run(self, index: int, batch: torch.Tensor) -> np.ndarray:
-        _, model, dtype = self.replicas[index]
-        device = self.devices[index]
-        batch = batch.to(device, non_blocking=True).to(dtype)
-        if batch.ndim == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        encoder, model, dtype = self.replicas[index]
+        # (B, 3, h, w) uint8, channels-last: normalised here, on the device, straight into its dtype
+        batch = normalize_tiles(batch.to(self.devices[index], non_blocking=True), encoder.spec.preprocess, dtype)
         with torch.inference_mode():
             return model(batch).float().cpu().numpy()
 
@@ -153,6 +151,8 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
     jobs = collect_slides(list(slides), slide_mpp=slide_mpp)
     if executor is not None:
         return _embed_by_executor(jobs, out_dir=out_dir, params=params, executor=executor, progress=progress)
+    if params.workers > 0:
+        start_worker_server()  # decoding workers' start-up overlaps the model's loading
     workers = _DeviceWorkers(params)  # first: a bad checkpoint fails before anything is written
     folder = features_folder(out_dir, params.folder_name)
     try:
@@ -309,9 +309,10 @@ class _EmbedRun:
         """Decode every queued tile in the loader's workers and embed it on the devices."""
         total = sum(len(self.sources[i].coords) for i in self.writers)
         self.bar = _TileProgress(total, len(self.writers)) if progress and total else None
-        # Preprocessing runs in the decoding workers; a partial of a module-level function
-        # pickles cheaply (the encoder itself never leaves this process).
-        transform = functools.partial(preprocess_tiles, preprocess=self.workers.encoder.spec.preprocess)
+        # Resizing runs in the decoding workers, which send uint8 batches (a quarter of the bytes
+        # of float ones); a partial of a module-level function pickles cheaply (the encoder
+        # itself never leaves this process).
+        transform = functools.partial(resize_tiles, preprocess=self.workers.encoder.spec.preprocess)
         # Slides already finished have no tiles, so they yield no chunks.
         loader = tile_loader(self.sources, chunk_size=self.params.batch_size, num_workers=self.params.workers,
                              transform=transform)

@@ -19,7 +19,8 @@ from scipy.stats import rankdata
 
 from histoscope.io.atomic import atomic_path
 
-__all__ = ["percentile_scores", "colorize", "paint_heatmap", "tiles_geojson", "write_tile_scores"]
+__all__ = ["percentile_scores", "colorize", "colorbar_geometry", "colorbar_values", "paint_heatmap", "tiles_geojson", "with_colorbar",
+           "write_tile_scores"]
 
 _BUCKETS = 10  # QuPath classes "attention 0-10%" … "attention 90-100%", one colour each
 
@@ -73,6 +74,61 @@ def paint_heatmap(thumbnail: np.ndarray, coords: np.ndarray, size_level0: float,
     colours = colorize(total[covered] / count[covered], cmap).astype(np.float64)
     out[covered] = (1 - alpha) * out[covered] + alpha * colours
     return out.round().clip(0, 255).astype(np.uint8)
+
+
+def colorbar_values(height: int) -> np.ndarray:
+    """(height,) the value each row of a colour bar shows: 1 at the top, 0 at the bottom."""
+    return 1 - (np.arange(height) + 0.5) / height
+
+
+def _font(height: int):
+    from PIL import ImageFont
+
+    size = int(np.clip(height // 60, 10, 36))
+    try:
+        return ImageFont.load_default(size=size)  # scalable (FreeType); Pillow >= 10.1
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def colorbar_geometry(height: int, label: str = "score percentile") -> tuple[int, int, int, int, int]:
+    """``(top, bar height, left pad, bar width, panel width)`` of the colour bar beside an image
+    ``height`` px tall: the bar is 80% of the height; the panel holds the tick labels and, above
+    the bar, ``label``, in a font scaled with the image."""
+    font = _font(height)
+    bar = max(1, round(height * 0.8))
+    top = (height - bar) // 2
+    bar_width = int(np.clip(height // 25, 8, 40))
+    pad = 8
+    ticks = pad + bar_width + 6 + int(np.ceil(font.getlength("100%"))) + pad
+    return top, bar, pad, bar_width, max(ticks, int(np.ceil(font.getlength(label))) + 2 * pad)
+
+
+def with_colorbar(image: np.ndarray, *, cmap: str = "jet", label: str = "score percentile") -> np.ndarray:
+    """``image`` (h, w, 3) uint8 with a colour bar on a white panel to its right: the colours of
+    :func:`paint_heatmap` from 100% (top) to 0% (bottom), ticks at 0, 50 and 100% and ``label``.
+
+    Returns
+    -------
+    (h, w + panel, 3) uint8; the bar spans rows ``top … top + bar`` at columns
+    ``w + pad … w + pad + bar width`` (see :func:`colorbar_geometry`).
+    """
+    from PIL import Image, ImageDraw
+
+    height = image.shape[0]
+    top, bar, pad, bar_width, panel_width = colorbar_geometry(height, label)
+    font = _font(height)
+    panel = np.full((height, panel_width, 3), 255, dtype=np.uint8)
+    panel[top : top + bar, pad : pad + bar_width] = colorize(colorbar_values(bar), cmap)[:, None, :]
+    canvas = Image.fromarray(panel)
+    draw = ImageDraw.Draw(canvas)
+    right = pad + bar_width
+    for fraction, text in ((1.0, "100%"), (0.5, "50%"), (0.0, "0%")):
+        y = top + round((1 - fraction) * (bar - 1))
+        draw.line([(right, y), (right + 3, y)], fill=(0, 0, 0))
+        draw.text((right + 6, y), text, fill=(0, 0, 0), font=font, anchor="lm")
+    draw.text((pad, top - 4), label, fill=(0, 0, 0), font=font, anchor="ld")
+    return np.concatenate([image, np.asarray(canvas)], axis=1)
 
 
 def tiles_geojson(coords: np.ndarray, size_level0: float, scores: np.ndarray, *,

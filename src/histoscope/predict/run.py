@@ -6,7 +6,7 @@ Output folder::
     OUT/run_report.json                      status (and error) of every slide
     OUT/<slide>/tile_scores.csv              x, y, score, percentile per tile
     OUT/<slide>/tiles.geojson                tile squares for QuPath, coloured by score
-    OUT/<slide>/heatmap.png                  scores over the thumbnail   (needs the slide file)
+    OUT/<slide>/heatmap.png                  scores over the thumbnail, colour bar (needs the slide file)
     OUT/<slide>/top_tiles/NN_x…_y….png       the k highest-scoring tiles (needs the slide file)
 
 A slide that fails (no features file, unreadable slide, wrong feature dim) is
@@ -30,7 +30,7 @@ from histoscope.io.outdir import output_folder
 from histoscope.pipeline.batch import BatchResult, run_batch
 from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob, collect_slides
-from histoscope.predict.heatmap import paint_heatmap, percentile_scores, tiles_geojson, write_tile_scores
+from histoscope.predict.heatmap import paint_heatmap, percentile_scores, tiles_geojson, with_colorbar, write_tile_scores
 from histoscope.predict.outputs import predictions_path
 from histoscope.slide.bags import collate_bags
 from histoscope.slide.trained import TrainedModel, load_trained_model
@@ -76,8 +76,9 @@ def _predict_one(job: SlideJob, *, trained: TrainedModel, features_dir: Path, ou
 
         with open_slide(job.path, slide_mpp=job.slide_mpp) as slide:
             thumbnail = slide.thumbnail(thumbnail_size)
-            write_image(slide_dir / "heatmap.png", paint_heatmap(thumbnail, coords, geometry.size_level0,
-                                                                 slide.dimensions, percentile_scores(scores)))
+            heatmap = paint_heatmap(thumbnail, coords, geometry.size_level0, slide.dimensions,
+                                    percentile_scores(scores))
+            write_image(slide_dir / "heatmap.png", with_colorbar(heatmap, label="tile score percentile"))
             top = np.argsort(-scores, kind="stable")[:top_k]
             if geometry.mpp is None:  # a TRIDENT/CLAM file: its tiles' resolution follows from the slide's
                 geometry = TileGeometry.from_attrs(attrs, level0_mpp=slide.mpp)

@@ -143,7 +143,7 @@ def load_pretrain_recipe(objective: str, path: str | Path | None = None, overrid
     from histoscope.pretrain.objective import get_objective
 
     spec = get_objective(objective)
-    data = read_recipe(path, overrides)
+    data = read_recipe(path, overrides, package="histoscope.pretrain")
     named = data.pop("objective", objective)
     if named != objective:
         raise ConfigError(f"{path}: this recipe is for objective {named!r}, not {objective!r}")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
 from histoscope.utils.processes import die_with_parent
 
-__all__ = ["TileSource", "TileStream", "single_threaded_worker", "tile_loader", "worker_context"]
+__all__ = ["TileSource", "TileStream", "single_threaded_worker", "start_worker_server", "tile_loader", "worker_context"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,17 @@ def worker_context():
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["histoscope.tiling.dataset", "histoscope.encoders.preprocess", "cv2"])
     return context
+
+
+def start_worker_server() -> None:
+    """Start the process workers fork from, in the background: its imports (torch, the
+    decoders; seconds on a busy machine) then overlap with what the caller does next, such as
+    loading a model, instead of delaying the first batch. Later loaders reuse it."""
+    import threading
+    from multiprocessing import forkserver
+
+    if worker_context().get_start_method() == "forkserver":
+        threading.Thread(target=forkserver.ensure_running, name="forkserver-start", daemon=True).start()
 
 
 def single_threaded_worker(_worker_id: int) -> None:

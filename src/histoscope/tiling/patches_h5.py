@@ -43,7 +43,10 @@ def find_patches(out_dir: str | Path, slide_name: str) -> Path:
 
 
 def write_patches(path: str | Path, grid: TileGrid, *, slide_name: str, slide_path: str = "", extra: dict | None = None) -> Path:
-    """Write ``grid`` to ``path`` atomically (temp file, then rename)."""
+    """Write ``grid`` to ``path`` atomically (temp file, then rename). ``slide_path`` is stored
+    absolute, so later stages (embed, predict, pretrain) find the slide from any directory."""
+    import os
+
     import h5py
 
     path = Path(path)
@@ -61,7 +64,7 @@ def write_patches(path: str | Path, grid: TileGrid, *, slide_name: str, slide_pa
                 "target_magnification": _MAG_UM / geometry.mpp,
                 "level0_magnification": _MAG_UM / geometry.level0_mpp,
                 "name": slide_name,
-                "slide_path": slide_path,
+                "slide_path": os.path.abspath(slide_path) if slide_path else "",
                 "histoscope_format": FORMAT_VERSION,
                 # CLAM: tiles are `patch_size_level0` px at level 0 resized to patch_size
                 "patch_level": 0,

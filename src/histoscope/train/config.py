@@ -45,6 +45,7 @@ class TrainConfig:
     freeze_encoder: bool = False  # train the head only (the model's declared head modules)
     layer_decay: float | None = None  # layer-wise lr decay: lr · layer_decay^(depth of the top − depth)
     folds: int = 5
+    final: bool = False  # after cross-validation, one model on every slide → OUT/final/checkpoint.pt
     val_fraction: float = 0.2  # of each fold's training patients, for early stopping
     epochs: int = 20
     lr: float = 2e-4
@@ -114,10 +115,11 @@ def _get(config: Any, dotted: str) -> Any:
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML recipe (optional) and overrides.
+    """A validated :class:`TrainConfig` from a YAML recipe (optional: a path, or the name of a
+    recipe shipped in ``histoscope/train/recipes/``) and overrides.
 
     Examples
     --------
-    >>> cfg = load_recipe("recipes/abmil_classification.yaml", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
+    >>> cfg = load_recipe("abmil_classification", ["epochs=5", "survival.bins=6"])  # doctest: +SKIP
     """
-    return TrainConfig.from_dict(read_recipe(path, overrides)).validate()
+    return TrainConfig.from_dict(read_recipe(path, overrides, package="histoscope.train")).validate()

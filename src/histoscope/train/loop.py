@@ -31,8 +31,13 @@ from histoscope.train.optim import param_groups
 from histoscope.train.tasks import Task
 from histoscope.utils.device import autocast
 
-__all__ = ["AdamWSchedule", "EarlyStopping", "FitResult", "close_epoch", "fit", "predict_bags", "warmup_cosine",
+__all__ = ["AdamWSchedule", "EarlyStopping", "FitResult", "close_epoch", "fit", "format_value", "predict_bags", "warmup_cosine",
            "derived_seed", "resume_fit", "save_fit_state"]
+
+
+def format_value(value: float, spec: str = ".4g") -> str:
+    """A metric for a log line: ``n/a`` where it cannot be computed (NaN), never a made-up number."""
+    return format(value, spec) if math.isfinite(value) else "n/a"
 
 
 def derived_seed(*parts: int) -> int:
@@ -212,6 +217,10 @@ def fit(
     opt = AdamWSchedule.create(model, config, steps_per_epoch=math.ceil(batches_per_epoch / config.accumulate),
                             device=device, dtype=dtype)
     monitor = config.monitor if val_samples else "none"
+    if monitor not in ("loss", "none") and monitor in task.undefined_metrics(val_samples):
+        log(f"warning: fold {fold_name}: {monitor} cannot be computed on its {len(val_samples)} validation slides "
+            "(too few, or one class); early stopping monitors the validation loss")
+        monitor = "loss"
     early = EarlyStopping(config.patience, lower_is_better=monitor in LOWER_IS_BETTER)
     early, history, best_state, first_epoch = resume_fit(state_path, model, opt, early)
     if first_epoch:
@@ -239,7 +248,7 @@ def fit(
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         log(f"fold {fold_name} epoch {epoch + 1}/{config.epochs} " +
-            " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) +
+            " ".join(f"{k}={format_value(v)}" for k, v in record.items() if k not in ("epoch", "seconds")) +
             (" *" if improved else ""))
         save_fit_state(state_path, epoch=epoch, model=model, opt=opt, early=early, history=history,
                        best_state=best_state)

@@ -69,6 +69,13 @@ class Task:
     def meta(self) -> dict[str, Any]:
         return self.outputs.meta()
 
+    def undefined_metrics(self, samples: list[Sample]) -> list[str]:
+        """The metrics no model output can define on ``samples`` (AUROC over one class, a
+        c-index without comparable pairs, R² of one value): probed with seeded random outputs."""
+        logits = np.random.default_rng(0).normal(size=(len(samples), self.num_outputs))
+        metrics, arrays, _ = self.metric_inputs({**self.truth_columns(samples), **self.output_columns(logits)})
+        return [name for name, value in metrics(*arrays).items() if not np.isfinite(value)]
+
 
 def _sort_labels(labels) -> list[str]:
     labels = sorted(set(labels))

@@ -5,6 +5,10 @@ Overrides use dotted keys for nested sections (``survival.loss=discrete``,
 ``tiny=true``, ``max_steps=null``, ``crops.global_crops_scale=[0.4,1]``). Any key the
 dataclasses do not have is an error that lists the valid ones. Stages build their
 config classes with :func:`build_config`; nothing here knows a particular recipe.
+
+Recipes ship inside the package, in a ``recipes/`` folder of the stage that reads them
+(``histoscope/train/recipes/abmil_classification.yaml``), so a recipe is given by name from
+any directory; a path to a YAML file works too.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "apply_overrides", "build_config", "read_recipe", "record_recipe", "valid_keys"]
+__all__ = ["ConfigError", "apply_overrides", "build_config", "list_recipes", "read_recipe", "record_recipe",
+           "resolve_recipe", "valid_keys"]
 
 
 class ConfigError(ValueError):
@@ -140,13 +145,53 @@ def _read_yaml(path: Path) -> Any:
                           "lines)") from None
 
 
-def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The mapping of a YAML recipe file (optional) with ``overrides`` applied."""
+def _recipe_folder(package: str):
+    from importlib.resources import files
+
+    # Resolved from the top-level package: importing the stage itself would import torch.
+    top, *rest = package.split(".")
+    return files(top).joinpath(*rest, "recipes")
+
+
+def list_recipes(package: str) -> dict[str, str]:
+    """``{name: first comment line}`` of the recipes shipped with ``package`` (e.g. ``histoscope.train``)."""
+    folder = _recipe_folder(package)
+    entries = sorted(folder.iterdir(), key=lambda e: e.name) if folder.is_dir() else []
+    recipes = {}
+    for entry in entries:
+        if entry.name.endswith(".yaml"):
+            lines = entry.read_text(encoding="utf-8").splitlines()
+            summary = lines[0].lstrip("#").strip() if lines and lines[0].startswith("#") else ""
+            if summary and not summary.endswith("."):
+                summary += " …"  # the description goes on in the file
+            recipes[entry.name[: -len(".yaml")]] = summary
+    return recipes
+
+
+def resolve_recipe(recipe: str | Path, package: str | None = None) -> Path:
+    """The YAML file a recipe argument names: an existing path, else (with ``package``) the
+    recipe of that name shipped with the package (``abmil_classification`` or
+    ``abmil_classification.yaml``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    if package is not None and path.name == str(recipe):  # a bare name, not a path into a folder
+        shipped = _recipe_folder(package) / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+        if shipped.is_file():
+            return Path(str(shipped))
+        names = ", ".join(list_recipes(package)) or "none"
+        raise FileNotFoundError(f"{recipe}: no such recipe file or shipped recipe; give a YAML path or one of: "
+                                f"{names}")
+    raise FileNotFoundError(f"{path}: no such recipe file")
+
+
+def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                package: str | None = None) -> dict[str, Any]:
+    """The mapping of a YAML recipe (optional; a file, or with ``package`` a shipped recipe's
+    name, see :func:`resolve_recipe`) with ``overrides`` applied."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such recipe file")
+        path = resolve_recipe(path, package)
         data = _read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe is a YAML mapping of keys to values")

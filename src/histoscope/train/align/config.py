@@ -70,6 +70,6 @@ def load_align_recipe(path: str | Path | None = None, overrides: list[str] | Non
 
     Examples
     --------
-    >>> config = load_align_recipe("recipes/align_tiny.yaml", ["pairs=pairs.csv", "epochs=5"])  # doctest: +SKIP
+    >>> config = load_align_recipe("align_tiny", ["pairs=pairs.csv", "epochs=5"])  # doctest: +SKIP
     """
-    return build_config(AlignConfig, read_recipe(path, overrides)).validate()
+    return build_config(AlignConfig, read_recipe(path, overrides, package="histoscope.train.align")).validate()

@@ -163,7 +163,7 @@ def train_align(config: AlignConfig, *, overwrite: bool = False, log: Callable[[
     Examples
     --------
     >>> from histoscope.train.align import load_align_recipe, train_align                      # doctest: +SKIP
-    >>> train_align(load_align_recipe("recipes/align_tiny.yaml", ["pairs=pairs.csv"]))          # doctest: +SKIP
+    >>> train_align(load_align_recipe("align_tiny", ["pairs=pairs.csv"]))          # doctest: +SKIP
     """
     config.validate()
     log = log or (lambda message: None)
