@@ -100,3 +100,51 @@ def tiff_slide(slides_dir):
 def ome_slide(slides_dir):
     return make_sample_slide(slides_dir / "pyramid.ome.tiff", width=2048, height=1536, mpp=0.5, kind="ome",
                              downsamples=(1, 2), seed=3)
+
+
+def _tiny_report_model(folder, *, seed: int = 0, slides: int = 3, dim: int = 16):
+    """Random-weights tiny HistoGPT in the authors' key layout, a BPE tokenizer trained here and
+    ``slides`` random features files: ``(weights file, tokenizer folder, [features files])``."""
+    import numpy as np
+
+    from histoscope.io.features_h5 import write_features
+    from histoscope.language import load_report_model
+    from histoscope.language.report_text import train_report_tokenizer
+
+    texts = ["Final diagnosis: basal cell carcinoma, margins free.", "Final diagnosis: melanoma in situ, margins "
+             "involved.", "Final diagnosis: seborrheic keratosis.", "Nevus with no atypia; excision complete."] * 5
+    tokenizer = train_report_tokenizer(texts, vocab_size=120)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    torch.manual_seed(seed)
+    model = load_report_model("histogpt", lm_config={
+        "vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "intermediate_size": 64, "max_position_embeddings": 40}, resampler_config={  # sizes the weights tell
+        "dim_feats": dim, "dim_model": 32, "dim_head": 96, "num_heads": 1, "num_layers": 1, "num_latents": 4})
+    state = model.official_state_dict()
+    for key, value in state.items():  # each slide's features steer its own report: the cross-attention
+        if key.endswith("_gate"):     # gates opened (0 at init), the resampler's learned latents zeroed
+            value.fill_(1.0)
+        elif "latents" in key or "media_pos" in key:
+            value.zero_()
+        elif "embed_tokens" in key:
+            value.mul_(0.3)
+        elif "exitgate" in key or "attn.to_out" in key:
+            value.mul_(16.0)
+        elif value.is_floating_point() and "norm" not in key:
+            value.mul_(4.0)
+    torch.save(state, folder / f"histogpt-tiny-{seed}.pth")
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(slides):
+        tiles = 5 + 3 * i
+        files.append(folder / "features" / f"s{i}.h5")
+        write_features(files[-1], (4 * rng.normal(size=(tiles, dim)) + 4 * rng.normal(size=dim)).astype(np.float32),
+                       np.stack([np.arange(tiles) * 256, np.zeros(tiles)], 1).astype(np.int64))
+    return folder / f"histogpt-tiny-{seed}.pth", folder / "tokenizer", files
+
+
+@pytest.fixture
+def tiny_report_model():
+    """``tiny_report_model(folder, seed=0, slides=3)``: a random-weights report model, its tokenizer
+    and features files, for tests of ``histoscope report`` that need no training."""
+    return _tiny_report_model

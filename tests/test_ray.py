@@ -235,3 +235,26 @@ def test_train_folds_as_parallel_ray_tasks_and_predict_on_ray_give_the_local_res
     some = next(iter(local.records))
     assert (tmp_path / "pred_ray" / some / "tile_scores.csv").read_bytes() == \
            (tmp_path / "pred_local" / some / "tile_scores.csv").read_bytes()
+
+
+def test_report_on_ray_equals_local_and_a_rerun_skips_every_slide(head, executor, tmp_path, tiny_report_model,
+                                                                  one_torch_thread):
+    from typer.testing import CliRunner
+
+    from histoscope.cli.main import app
+    from histoscope.predict.report import DecodeSettings, write_reports
+
+    weights, tokenizer, files = tiny_report_model(tmp_path, slides=3)
+    options = {"model": weights, "tokenizer": tokenizer, "settings": DecodeSettings(max_new_tokens=5), "batch_size": 2,
+               "device": "cpu"}
+    local = write_reports(files, out_dir=tmp_path / "local", **options)
+    on_ray = write_reports(files, out_dir=tmp_path / "ray", executor=executor, **options)  # batches as Ray tasks
+    assert not on_ray.failed and on_ray.reports == local.reports and len(set(local.reports.values())) == 3
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "local")  # reports.csv, .json and each .txt
+    again = CliRunner().invoke(app, ["report", *map(str, files), "--model", str(weights), "--tokenizer", str(tokenizer),
+                                     "--out", str(tmp_path / "ray"), "--max-new-tokens", "5", "--batch-size", "2",
+                                     "--device", "cpu", "--executor", "ray", "--address", head.address])
+    assert again.exit_code == 0, again.output
+    assert "3 report(s) (3 from an earlier run)" in again.output
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "local")
+    assert sorted(r["slide"] for r in _report(tmp_path / "ray")) == ["s0", "s1", "s2"]

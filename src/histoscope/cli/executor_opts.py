@@ -15,8 +15,8 @@ __all__ = ["AddressOpt", "ExecutorOpt", "gpus_per_task", "ray_or_none"]
 
 ExecutorOpt = Annotated[str, typer.Option(
     "--executor", callback=one_of(*EXECUTORS),
-    help="local: processes on this machine; ray: one Ray task per slide (per fold for train), with the ray "
-         "extra installed.")]
+    help="local: processes on this machine; ray: one Ray task per slide (per fold for train, per batch for "
+         "report), with the ray extra installed.")]
 AddressOpt = Annotated[Optional[str], typer.Option(
     "--address", help="Ray cluster HOST:PORT for --executor ray (default: RAY_ADDRESS, else 'local': a private "
                       "loopback-only head for this run, with --workers CPUs).")]

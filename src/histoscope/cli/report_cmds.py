@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from histoscope.cli.errors import BATCH_FAILED, one_of
+from histoscope.cli.executor_opts import AddressOpt, ExecutorOpt, ray_or_none
 from histoscope.cli.recipes import list_option, recipe_and_overrides
 
 __all__ = ["register"]
@@ -61,15 +62,24 @@ def report(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
     precision: Annotated[str, typer.Option(callback=one_of("auto", "fp32", "bf16", "fp16"), help="fp32, bf16, fp16 or auto.")] = "fp32",
     heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Also write each word's attention over the tiles (OUT/<slide>/words/: CSV and QuPath GeoJSON).")] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
-    """Write a pathology report for every slide: OUT/reports.csv, reports.json and <slide>.txt."""
+    """Write a pathology report for every slide: OUT/reports.csv, reports.json and <slide>.txt.
+
+    A rerun into OUT with the same model and settings skips the slides already written.
+    """
     from histoscope.predict.report import DecodeSettings, reports_path, write_reports
 
     settings = DecodeSettings(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
                               top_p=top_p, num_beams=num_beams, seed=seed)
-    result = write_reports(features, model=model, out_dir=out, tokenizer=tokenizer, prompt=prompt, settings=settings,
-                           batch_size=batch_size, device=device, precision=precision, heatmaps=heatmaps)
-    typer.echo(f"{len(result.reports)} report(s) written; {reports_path(out)}")
+    # local: the batches one after another in this process, the model loaded once
+    with ray_or_none(executor, workers=1, address=address, devices=device) as runner:
+        result = write_reports(features, model=model, out_dir=out, tokenizer=tokenizer, prompt=prompt,
+                               settings=settings, batch_size=batch_size, device=device, precision=precision,
+                               heatmaps=heatmaps, executor=runner)
+    skipped = f" ({len(result.skipped)} from an earlier run)" if result.skipped else ""
+    typer.echo(f"{len(result.reports)} report(s){skipped}; {reports_path(out)}")
     for name, error in result.failed.items():
         typer.secho(f"FAILED {name}: {error}", fg=typer.colors.RED, err=True)
     if result.failed:

@@ -26,7 +26,8 @@ from histoscope.io.checkpoint import checkpoint_kind, read_checkpoint
 from histoscope.language.registry import get_report_model_spec, load_report_model, load_state_strict
 from histoscope.language.report_text import DEFAULT_PROMPT, load_report_tokenizer
 
-__all__ = ["ReportRun", "load_report_run", "report_model_path", "report_tokenizer_path", "save_report_model"]
+__all__ = ["ReportRun", "load_report_run", "report_model_path", "report_run_files", "report_tokenizer_path",
+           "save_report_model"]
 
 
 def report_model_path(run_dir: str | Path) -> Path:
@@ -58,6 +59,13 @@ def save_report_model(path: str | Path, *, model: nn.Module, name: str, lm_confi
     return Path(path)
 
 
+def report_run_files(source: str | Path, tokenizer: str | Path | None = None) -> tuple[Path, Path]:
+    """``(checkpoint file, tokenizer folder)`` :func:`load_report_run` reads for ``source``."""
+    source = Path(source)
+    path = report_model_path(source) if source.is_dir() else source
+    return path, Path(tokenizer) if tokenizer is not None else report_tokenizer_path(path.parent)
+
+
 def load_report_run(source: str | Path, *, tokenizer: str | Path | None = None, name: str = "histogpt",
                     device: str | torch.device = "cpu") -> ReportRun:
     """A trained report model and its tokenizer from a run folder or a checkpoint file.
@@ -72,7 +80,7 @@ def load_report_run(source: str | Path, *, tokenizer: str | Path | None = None, 
         Registry name for published weights (``histogpt``, ``histogpt_3b``).
     """
     source = Path(source)
-    path = report_model_path(source) if source.is_dir() else source
+    path, folder = report_run_files(source, tokenizer)
     if source.is_dir() and not path.is_file():
         raise FileNotFoundError(f"{source}: no model.pt here; pass a histoscope train-report folder or a checkpoint")
     checkpoint = read_checkpoint(path, kind=("trained", "weights"))
@@ -88,7 +96,6 @@ def load_report_run(source: str | Path, *, tokenizer: str | Path | None = None, 
         model = load_report_model(name, weights=path)
         prompt = DEFAULT_PROMPT
     del checkpoint
-    folder = Path(tokenizer) if tokenizer is not None else report_tokenizer_path(path.parent)
     if tokenizer is None and not folder.is_dir():
         raise FileNotFoundError(f"{path}: no tokenizer/ folder beside it; pass --tokenizer with the tokenizer the "
                                 "model was trained with (BioGPT's for published HistoGPT weights)")

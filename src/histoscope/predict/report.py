@@ -5,6 +5,7 @@ Output folder::
     OUT/reports.csv     slide_id, report (one row per slide that succeeded)
     OUT/reports.json    the same with the model, prompt and decoding settings, and the failed slides
     OUT/<slide>.txt     each report on its own
+    OUT/run_report.json status of every slide and the hash of the settings its report was written with
     OUT/<slide>/words/NN_<word>.csv, .geojson   with ``heatmaps``: each word's attention over the tiles
 
 Inputs are features files (``<slide>.h5``), folders of them, or CSV files with a
@@ -17,23 +18,30 @@ Notation: B slides per batch, N tiles, D feature dim, T tokens.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from histoscope.io.atomic import atomic_path, write_json
+from histoscope.encoders.weights import sha256_file
+from histoscope.io.atomic import atomic_path, remove_stale_partials, write_json
 from histoscope.io.columns import csv_reader, write_columns
 from histoscope.io.features_h5 import FeaturesError, check_finite, read_features
 from histoscope.io.outdir import output_folder
 from histoscope.language.generation import left_pad
 from histoscope.language.report_attention import token_tile_attention, word_spans
 from histoscope.language.report_text import decode_report, prompt_ids
-from histoscope.language.trained_report import ReportRun, load_report_run
+from histoscope.language.trained_report import ReportRun, load_report_run, report_run_files
+from histoscope.pipeline.batch import RunReport
+from histoscope.pipeline.executors import Executor, LocalExecutor
+from histoscope.pipeline.inputs import SlideJob
 from histoscope.predict.heatmap import tiles_geojson, write_tile_scores
 from histoscope.slide.bags import collate_bags
 from histoscope.tiling.geometry import TileGeometry
@@ -41,8 +49,8 @@ from histoscope.utils.device import autocast, resolve_device, resolve_dtype
 
 _DEFAULT_NEW_TOKENS = 256
 
-__all__ = ["DecodeSettings", "ReportResult", "collect_features", "generate_batch", "reports_path",
-           "write_reports", "write_word_heatmaps"]
+__all__ = ["DecodeSettings", "ReportResult", "collect_features", "generate_batch", "report_batch",
+           "report_text_path", "reports_path", "settings_sha256", "write_reports", "write_word_heatmaps"]
 
 
 def reports_path(out_dir: str | Path, suffix: str = ".csv") -> Path:
@@ -65,8 +73,9 @@ class DecodeSettings:
 
 @dataclass
 class ReportResult:
-    reports: dict[str, str]  # slide_id → report
+    reports: dict[str, str]  # slide_id → report, this run's and earlier runs' with the same settings
     failed: dict[str, str]  # slide_id → error
+    skipped: list[str] = field(default_factory=list)  # slides whose report an earlier run wrote
 
 
 def collect_features(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
@@ -163,12 +172,82 @@ def write_word_heatmaps(folder: Path, run: ReportRun, prompt: list[int], report:
     return len(words)
 
 
+def settings_sha256(model: str | Path, tokenizer: str | Path | None, *, prompt: str, settings: DecodeSettings,
+                    precision: str, heatmaps: bool) -> str:
+    """A short hash of what a report depends on: the checkpoint's and tokenizer's bytes, the
+    prompt and the decoding settings. A rerun with another one regenerates every slide."""
+    model_file, tokenizer_dir = report_run_files(model, tokenizer)
+    digest = hashlib.sha256(sha256_file(model_file).encode())
+    for file in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()):
+        digest.update(f"|{file.relative_to(tokenizer_dir).as_posix()}:{sha256_file(file)}".encode())
+    digest.update(json.dumps({"prompt": prompt, "decoding": asdict(settings), "precision": precision,
+                              "heatmaps": heatmaps}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+# The report model of the last (model, tokenizer, device) a process used: Ray reuses worker
+# processes, so the next batch finds it loaded (one model per process at most).
+_loaded: dict[tuple[str, str, str], ReportRun] = {}
+
+
+def _report_run(model: str | Path, tokenizer: str | Path | None, device: torch.device) -> ReportRun:
+    key = (str(model), str(tokenizer), str(device))
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = load_report_run(model, tokenizer=tokenizer, device=device)
+    return _loaded[key]
+
+
+def report_batch(slides: Sequence[tuple[str, str]], *, model: str, tokenizer: str | None, out_dir: str, prompt: str,
+                 settings: DecodeSettings, device: str, precision: str, heatmaps: bool) -> dict[str, dict[str, Any]]:
+    """Write the reports of a batch of ``(slide_id, features file)`` in one ``generate`` call:
+    ``OUT/<slide>.txt`` (atomically, last) and the word heatmaps. Returns each slide's record,
+    ``{"status": "ok", "tiles": N}`` or ``{"status": "failed", "error": …}``. The job of
+    :func:`write_reports`, in this process or on a Ray worker (the model loaded once per process)."""
+    torch_device = resolve_device(device)
+    run = _report_run(model, tokenizer, torch_device)
+    out = Path(out_dir)
+    records: dict[str, dict[str, Any]] = {}
+    batch: list[tuple[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]] = []
+    for slide_id, path in slides:
+        try:
+            batch.append((slide_id, _read_slide(Path(path), run.model.dim_feats)))
+        except (OSError, ValueError) as error:
+            records[slide_id] = {"status": "failed", "error": str(error)}
+    if not batch:
+        return records
+    generated = generate_batch(run, [slide[0] for _, slide in batch], prompt=prompt, settings=settings,
+                               device=torch_device, dtype=resolve_dtype(precision, torch_device))
+    for (slide_id, slide), ids in zip(batch, generated):
+        if heatmaps:
+            write_word_heatmaps(out / slide_id / "words", run, prompt_ids(run.tokenizer, prompt),
+                                _end_at_eos(run.tokenizer, ids), *slide, device=torch_device)
+        with atomic_path(report_text_path(out, slide_id)) as tmp:
+            tmp.write_bytes((decode_report(run.tokenizer, ids) + "\n").encode())
+        records[slide_id] = {"status": "ok", "tiles": len(slide[0])}
+    return records
+
+
+def report_text_path(out_dir: str | Path, slide_id: str) -> Path:
+    """``OUT/<slide>.txt``: one slide's report."""
+    return Path(out_dir) / f"{slide_id}.txt"
+
+
+def _read_report(out_dir: Path, slide_id: str) -> str:
+    return report_text_path(out_dir, slide_id).read_bytes().decode().removesuffix("\n")
+
+
 def write_reports(features: Sequence[str | Path], *, model: str | Path, out_dir: str | Path,
                   tokenizer: str | Path | None = None, prompt: str | None = None,
                   settings: DecodeSettings = DecodeSettings(), batch_size: int = 8, device: str = "auto",
-                  precision: str = "fp32", heatmaps: bool = False,
+                  precision: str = "fp32", heatmaps: bool = False, executor: Executor | None = None,
                   log: Callable[[str], None] | None = None) -> ReportResult:
     """Write a report for every slide; one that fails is recorded and the others finish.
+
+    A rerun into the same folder with the same model, tokenizer, prompt and settings skips
+    the slides whose report is there (``OUT/run_report.json`` records each slide's
+    :func:`settings_sha256`) and leaves their files untouched; the tables list the reports
+    of this run and of earlier ones with the same settings. Other settings regenerate.
 
     Parameters
     ----------
@@ -185,6 +264,10 @@ def write_reports(features: Sequence[str | Path], *, model: str | Path, out_dir:
     heatmaps : bool
         Also write each word's attention over the tiles to ``OUT/<slide>/words/``
         (:func:`write_word_heatmaps`).
+    executor : Executor, optional
+        Runs the batches of ``batch_size`` slides (default: one after another in this
+        process; a ``RayExecutor`` runs each batch as a Ray task, the model loaded once per
+        worker).
     """
     log = log or (lambda message: None)
     out_dir = Path(out_dir)
@@ -193,44 +276,86 @@ def write_reports(features: Sequence[str | Path], *, model: str | Path, out_dir:
     jobs = collect_features(features)
     if not jobs:
         raise FileNotFoundError("no features files given; pass .h5 files, folders of them or a CSV")
-    torch_device = resolve_device(device)
-    dtype = resolve_dtype(precision, torch_device)
-    run = load_report_run(model, tokenizer=tokenizer, device=torch_device)
+    # a bad checkpoint or tokenizer fails here, once; the jobs load their own copy unless run here
+    run = _report_run(model, tokenizer, resolve_device(device) if executor is None else torch.device("cpu"))
     prompt = run.prompt if prompt is None else prompt
+    meta = run.meta
+    if executor is not None:
+        del run
+        _loaded.clear()
+    digest = settings_sha256(model, tokenizer, prompt=prompt, settings=settings, precision=precision,
+                             heatmaps=heatmaps)
+    fn = functools.partial(report_batch, model=str(model), tokenizer=None if tokenizer is None else str(tokenizer),
+                           out_dir=str(out_dir), prompt=prompt, settings=settings, device=device,
+                           precision=precision, heatmaps=heatmaps)
+    with output_folder(out_dir):
+        runs = RunReport(out_dir, "report")
+        earlier = list(runs.records)
+        slides = {slide_id: SlideJob(path, slide_id) for slide_id, path in jobs}
+
+        def done(job: SlideJob) -> bool:
+            record = runs.records.get(job.name, {})
+            return (record.get("status") == "ok" and record.get("settings_sha256") == digest
+                    and record.get("path") == str(job.path) and report_text_path(out_dir, job.name).is_file())
+
+        skipped = [job for job in slides.values() if done(job)]
+        for job in skipped:
+            runs.skipped(job)
+        runs.save()
+        finished = {job.name for job in skipped}
+        todo = [job for job in slides.values() if job.name not in finished]
+        if skipped:
+            log(f"{len(skipped)} of {len(slides)} reports already written with these settings")
+        batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+        written = 0
+        for index, result in (executor or LocalExecutor(workers=0)).map(
+                fn, [[(job.name, str(job.path)) for job in batch] for batch in batches]):
+            if isinstance(result, BaseException):  # the batch's generate call failed, or its worker died
+                result = {job.name: {"status": "failed", "error": f"{type(result).__name__}: {result}"}
+                          for job in batches[index]}
+            for slide_id, record in result.items():
+                if record["status"] == "ok":
+                    record["settings_sha256"] = digest
+                    written += 1
+                else:
+                    log(f"FAILED {slide_id}: {record['error']}")
+                runs.update(slides[slide_id], record)
+            log(f"{written} of {len(todo)} reports written")
+        remove_stale_partials(out_dir)  # a worker killed mid-slide left its temporary file
+        reports, failed = _results(out_dir, runs, earlier, list(slides), digest)
+        _write_tables(out_dir, reports, failed, model=model, prompt=prompt, settings=settings, meta=meta,
+                      digest=digest)
+    return ReportResult(reports, failed, skipped=[job.name for job in skipped])
+
+
+def _results(out_dir: Path, runs: RunReport, earlier: list[str], slides: list[str],
+             digest: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The reports written with ``digest`` (this run's and earlier runs') and this run's failures;
+    the run report put in a fixed order first: earlier runs' slides in their order, then this
+    run's new ones in the order given, so the tables are the same however a run was split and
+    whichever batch finished first."""
+    known, current = set(earlier), set(slides)
+    runs.records = {s: runs.records[s] for s in [*earlier, *(s for s in slides if s not in known)]}
+    runs.save()
     reports: dict[str, str] = {}
     failed: dict[str, str] = {}
-    with output_folder(out_dir):
-        for start in range(0, len(jobs), batch_size):
-            batch: list[tuple[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]] = []
-            for slide_id, path in jobs[start:start + batch_size]:
-                try:
-                    batch.append((slide_id, _read_slide(path, run.model.dim_feats)))
-                except (OSError, ValueError) as error:
-                    failed[slide_id] = str(error)
-                    log(f"FAILED {slide_id}: {error}")
-            if not batch:
-                continue
-            generated = generate_batch(run, [slide[0] for _, slide in batch], prompt=prompt, settings=settings,
-                                       device=torch_device, dtype=dtype)
-            for (slide_id, slide), ids in zip(batch, generated):
-                text = decode_report(run.tokenizer, ids)
-                reports[slide_id] = text
-                if heatmaps:
-                    write_word_heatmaps(out_dir / slide_id / "words", run, prompt_ids(run.tokenizer, prompt),
-                                        _end_at_eos(run.tokenizer, ids), *slide, device=torch_device)
-                with atomic_path(out_dir / f"{slide_id}.txt") as tmp:
-                    tmp.write_text(text + "\n")
-            log(f"{len(reports)} of {len(jobs)} reports written")
-        _write_tables(out_dir, reports, failed, model=model, prompt=prompt, settings=settings, meta=run.meta)
-    return ReportResult(reports, failed)
+    for slide_id, record in runs.records.items():
+        if record.get("status") == "ok" and record.get("settings_sha256") == digest:
+            try:
+                reports[slide_id] = _read_report(out_dir, slide_id)
+            except FileNotFoundError:  # removed since: no longer a result
+                pass
+        elif slide_id in current:
+            failed[slide_id] = record.get("error", "failed")
+    return reports, failed
 
 
 def _write_tables(out_dir: Path, reports: dict[str, str], failed: dict[str, str], *, model, prompt: str,
-                  settings: DecodeSettings, meta: dict[str, Any]) -> None:
+                  settings: DecodeSettings, meta: dict[str, Any], digest: str) -> None:
     write_json(reports_path(out_dir, ".json"), {
         "model": str(model), "architecture": meta.get("histoscope_model"), "prompt": prompt,
-        "decoding": asdict(settings), "reports": [{"slide_id": k, "report": v} for k, v in reports.items()],
-        "failed": failed})
+        "decoding": asdict(settings), "settings_sha256": digest,
+        "reports": [{"slide_id": k, "report": v} for k, v in reports.items()], "failed": failed})
     if reports:
         write_columns(reports_path(out_dir), {"slide_id": list(reports), "report": list(reports.values())})
     else:  # an earlier run's table would pass for this run's
