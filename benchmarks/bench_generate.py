@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_generate.py [--new-tokens 128 256] [--tiles 2000] [--slides 8]
        [--resampler-dim 512] [--device cpu] [--dtype float32] [--threads N]
+       [--train-slides 4] [--report-tokens 128]
 
 One model throughout, random weights with the cross-attention gates opened (0.5, as in a
 trained model, so the slide changes the text): CTransPath-sized features (``--tiles`` × 768),
@@ -18,6 +19,11 @@ Rows, each case in a fresh subprocess:
               a KV cache for self-attention
   batched     ``--slides`` slides of different tile counts (the largest ``--tiles``) in one
               ``model.generate`` call, padded, vs one call per slide
+  train step  one stage-2 training step (teacher-forced loss on ``--report-tokens`` report
+              tokens, backward, AdamW) on ``--train-slides`` slides, as published (cross-attention
+              blocks and exit gate trained; resampler and BioGPT frozen) vs BioGPT unfrozen;
+              the mean of 3 steps after one warm-up step; its peak memory is the whole
+              process's (weights, gradients, optimizer state and activations)
 Greedy decoding, ``eos_token_id=None`` (every run writes exactly the asked number of
 tokens); the ids of every pair are compared. Times are the process's CPU seconds on CPU
 (``--threads 1`` makes them the work done, whatever else the machine runs), wall-clock
@@ -133,6 +139,8 @@ def _case(kind: str, args: argparse.Namespace) -> dict:
         ids, seconds, peak = timed(lambda: model.generate(prompts, features, mask, max_new_tokens=args.n,
                                                           eos_token_id=None))
         result = {"ids": ids.tolist(), "seconds": seconds, "peak": peak}
+    elif kind in ("train_frozen", "train_lm"):
+        result = _train_step(model, slides, train_lm=kind == "train_lm", args=args, clock=clock)
     elif kind == "singles":
         ids, seconds, peak = timed(lambda: [model.generate(prompt, s, max_new_tokens=args.n, eos_token_id=None)[0]
                                             for s in slides])
@@ -140,10 +148,54 @@ def _case(kind: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def _train_step(model, slides, *, train_lm: bool, args: argparse.Namespace, clock) -> dict:
+    """Seconds and peak memory of a stage-2 training step (``histoscope train-report``'s)."""
+    import torch
+
+    from histoscope.train.report.run import trainable_parameters
+
+    device = slides[0].device
+    trainable_parameters(model, train_resampler=False, train_lm=train_lm)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    n = min(args.train_slides, len(slides))
+    features = torch.zeros(n, args.tiles, 768, device=device, dtype=slides[0].dtype)
+    mask = torch.zeros(n, args.tiles, dtype=torch.bool, device=device)
+    for b in range(n):
+        features[b, :slides[b].shape[1]], mask[b, :slides[b].shape[1]] = slides[b][0], True
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(4, model.config.vocab_size, (n, len(PROMPT) + args.report_tokens), generator=gen).to(device)
+    ids[:, :len(PROMPT)] = torch.tensor(PROMPT, device=device)
+    labels = ids.clone()
+    labels[:, :len(PROMPT)] = -100  # the loss is on the report only
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(ids, features, mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up: optimizer state allocated
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with _PeakRSS() as rss:
+        start = clock()
+        for _ in range(3):
+            step()
+        seconds = (clock() - start) / 3
+    # the whole footprint (weights, gradients, optimizer state, activations): what training needs
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"seconds": seconds, "peak": peak, "trained": trained}
+
+
 def _run(kind: str, args: argparse.Namespace, n: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--case", kind, "--n", str(n or 0), "--tiles", str(args.tiles),
            "--slides", str(args.slides), "--resampler-dim", str(args.resampler_dim), "--device", args.device,
-           "--dtype", args.dtype, "--threads", str(args.threads), "--new-tokens", *map(str, args.new_tokens)]
+           "--dtype", args.dtype, "--threads", str(args.threads), "--train-slides", str(args.train_slides),
+           "--report-tokens", str(args.report_tokens), "--new-tokens", *map(str, args.new_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"case {kind} failed:\n{out.stderr[-3000:]}")
@@ -163,6 +215,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--train-slides", type=int, default=4, help="slides per stage-2 training step")
+    parser.add_argument("--report-tokens", type=int, default=128, help="report tokens per slide in a training step")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,6 +248,18 @@ def main() -> None:
     header = ("case", "baseline", unit, "ours", unit, "speed-up", "same ids", "peak memory (baseline / ours)")
     table = [header] + [(case, base, f"{bt:.2f}", ours, f"{ot:.2f}", f"{bt / ot:.1f}x", "yes" if same else "NO", mem)
                         for case, base, bt, ours, ot, same, mem in rows]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+    frozen, unfrozen = _run("train_frozen", args), _run("train_lm", args)
+    print(f"\nstage-2 training step: {min(args.train_slides, args.slides)} slides x {args.tiles} tiles, "
+          f"{args.report_tokens} report tokens each, AdamW")
+    header = ("setting", "trained parameters", f"{unit} / step", "vs unfrozen", "peak memory (process)")
+    table = [header] + [(name, f"{r['trained']:,}", f"{r['seconds']:.2f}", f"{unfrozen['seconds'] / r['seconds']:.2f}x",
+                         _mib(r["peak"]))
+                        for name, r in (("BioGPT unfrozen (train_lm=true)", unfrozen),
+                                        ("as published: BioGPT frozen", frozen))]
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     for r in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))

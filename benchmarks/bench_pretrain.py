@@ -12,6 +12,16 @@ warm-up step, all measured in this run):
   DINOv2 pipeline   `histoscope pretrain dinov2`: tiles streamed from a sample slide, read
                     and augmented by data-loader workers while the model trains
 The "data not the bottleneck" ratio is compute / pipeline (>= 0.85 wanted).
+
+With --slide-mae: slide-level MAE (`histoscope pretrain slide_mae`, slide_mae_gigapath:
+Prov-GigaPath's LongNet, 12 layers x 768, 75% of the tiles masked, a 2-layer 384-wide decoder
+over all tiles) on one slide of --tiles tiles (1536-d embeddings on a square grid). Each case
+runs in a fresh process (peak memory = its peak RSS; "step delta" = the rise during the steps):
+  dilated   the published dilated-attention branches (1024,1) (5792,2) (32768,4) (185363,8) (1048576,16)
+  dense     the dense-attention equivalent: one segment over the whole sequence, no dilation
+            (full softmax attention through the same fused kernel)
+Median wall and CPU seconds (all threads of the process: steadier on a shared machine) per
+optimisation step (forward, backward, AdamW) after one warm-up step.
 """
 
 from __future__ import annotations
@@ -34,13 +44,101 @@ def _timed(fn, steps: int) -> float:
     return statistics.median(times)
 
 
+def _slide_mae_case(kind: str, tiles: int, steps: int, precision: str) -> dict[str, float]:
+    """One slide-MAE configuration, timed in this process (run it in a fresh one)."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from histoscope.io.features_h5 import write_features
+    from histoscope.pretrain import distributed, get_objective, load_pretrain_recipe
+    from histoscope.pretrain.data import StepStream
+    from histoscope.pretrain.objective import RunInfo
+    from histoscope.pretrain.trainer import _train_step, build_schedules
+    from histoscope.utils.device import resolve_dtype
+
+    root = Path(tempfile.mkdtemp(prefix="bench_slide_mae_"))
+    side = int(np.ceil(tiles ** 0.5))
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:tiles]
+    rng = np.random.default_rng(0)
+    write_features(root / "slide.h5", rng.normal(size=(tiles, 1536)).astype(np.float32), grid * 512,
+                   coords_attrs={"patch_size": 256, "patch_size_level0": 512, "target_mpp": 0.5, "level0_mpp": 0.25})
+    total = steps + 1
+    overrides = [f"data.features=[{root}]", "optim.batch_size=1", f"precision={precision}", "optim.epochs=1",
+                 f"optim.epoch_length={total}", "optim.warmup_epochs=0", "device=cpu", "tensorboard=false"]
+    if kind == "dense":
+        overrides += ["arch={dropout: 0.0, drop_path_rate: 0.1, segment_lengths: [1048576], dilation_ratios: [1]}"]
+    recipe = load_pretrain_recipe("slide_mae", Path(__file__).parents[1] / "recipes" / "slide_mae_gigapath.yaml",
+                                  overrides)
+    device = torch.device("cpu")
+    dtype = resolve_dtype(precision, device)
+    torch.manual_seed(0)
+    spec = get_objective("slide_mae")
+    info = RunInfo(total_iters=total, epoch_length=total, global_batch=1, device=device, seed=0)
+    objective = spec.build(recipe.config, recipe.common, info)
+    stream = StepStream(spec.index(recipe.config, recipe.common, lambda m: None), collate=objective.collate(),
+                        global_batch=1, rank=0, world_size=1, seed=0, start_step=0, stop_step=1, chunk=1, buffer=1)
+    batch = next(iter(stream))
+    optimizer = torch.optim.AdamW(objective.param_groups())
+    schedules = build_schedules(recipe)
+    ctx = distributed.DistContext(rank=0, world_size=1, local_rank=0, device=device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    losses = []
+
+    def step():
+        losses.append(_train_step(objective, optimizer, schedules, dict(batch), 0, recipe.common, ctx, dtype)
+                      ["slide_mae_loss"])
+
+    step()  # warm-up
+    wall, cpu = [], []
+    for _ in range(steps):
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu), "peak_mb": peak / 1024,
+            "delta_mb": max(peak - before, 0) / 1024, "loss": losses[-1]}
+
+
+def slide_mae_table(tiles: int, steps: int, precision: str) -> None:
+    import subprocess
+    import sys
+
+    results = {}
+    for kind in ("dilated", "dense"):
+        code = (f"import json, bench_pretrain as b; "
+                f"print(json.dumps(b._slide_mae_case({kind!r}, {tiles}, {steps}, {precision!r})))")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=str(Path(__file__).parent), check=False)
+        if run.returncode:
+            raise RuntimeError(f"{kind} failed:\n{run.stderr[-3000:]}")
+        results[kind] = json.loads(run.stdout.strip().splitlines()[-1])
+    dil, den = results["dilated"], results["dense"]
+    print(f"Slide MAE step, gigapath_slide (12 x 768) + 2 x 384 decoder, one slide of {tiles:,} tiles "
+          f"({int(tiles * 0.25):,} kept), {precision}")
+    print("| attention | s/step (wall) | CPU s/step (all threads) | peak MB | step delta MB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, r in (("dilated (published branches)", dil), ("dense equivalent", den)):
+        print(f"| {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} |")
+    print(f"dense / dilated: wall time {den['seconds'] / dil['seconds']:.2f}x, CPU time "
+          f"{den['cpu_seconds'] / dil['cpu_seconds']:.2f}x, peak memory {den['peak_mb'] / dil['peak_mb']:.2f}x, "
+          f"step delta {den['delta_mb'] / max(dil['delta_mb'], 1):.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--slide-mae", action="store_true", help="the slide-MAE table instead of the DINOv2 one")
+    parser.add_argument("--tiles", type=int, default=10_000, help="tiles of the slide (--slide-mae)")
     args = parser.parse_args()
+    if args.slide_mae:
+        slide_mae_table(args.tiles, args.steps, args.precision)
+        return
 
     import torch
 

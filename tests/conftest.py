@@ -56,6 +56,27 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def _embed_trained(slides, patches, out, *, encoder: str, weights, arch: dict):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from histoscope.cli.main import app
+
+    shutil.copytree(patches, out / "patches")
+    args = ["embed", str(slides), "--out", str(out), "--encoder", encoder, "--weights", str(weights),
+            "--devices", "cpu", "--dtype", "fp32", "--workers", "0"]
+    args += [a for k, v in arch.items() for a in ("--arch", f"{k}={'null' if v is None else v}")]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture
+def embed_trained():
+    """``embed_trained(slides, patches_dir, out, encoder=, weights=, arch=)``: `histoscope embed` of the
+    slides at the tiles of ``patches_dir`` with pretrained weights and architecture overrides (CLI result)."""
+    return _embed_trained
+
+
 @pytest.fixture(scope="session")
 def slides_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("slides")

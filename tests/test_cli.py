@@ -13,6 +13,7 @@ from histoscope.cli.main import app
 from histoscope.encoders import get_tile_encoder_spec, list_tile_encoders
 from histoscope.io.features_h5 import read_features
 from histoscope.io.sample import make_sample_slide
+from histoscope.language import get_report_model_spec, list_report_models
 from histoscope.language.align import get_align_model_spec, list_align_models
 from histoscope.slide import get_slide_model_spec, list_slide_models
 from histoscope.tiling import read_patches
@@ -58,10 +59,19 @@ def test_models_lists_every_registered_model():
         assert sections["Slide models"][name].split(None, 1)[1] == get_slide_model_spec(name).description
     for name in list_align_models():
         assert sections["Image–text models"][name].split(None, 1)[1] == get_align_model_spec(name).description
+    assert set(sections["Report models"]) == set(list_report_models()) and "histogpt" in list_report_models()
+    for name in list_report_models():
+        spec = get_report_model_spec(name)
+        _, source, license, description = sections["Report models"][name].split(None, 3)
+        assert source == (f"{spec.hf_repo}/{spec.hf_filename}" if spec.hf_repo else "-") and license == spec.license
+        assert description.endswith(spec.description)
     slide_only = runner.invoke(app, ["models", "--kind", "slide"])
     assert slide_only.exit_code == 0
     assert "Tile encoders" not in slide_only.output and "Slide models" in slide_only.output
     assert {line.split()[0] for line in slide_only.output.splitlines()[1:]} == set(list_slide_models())
+    reports_only = runner.invoke(app, ["models", "--kind", "report"])
+    assert reports_only.exit_code == 0 and reports_only.output.startswith("Report models")
+    assert {line.split()[0] for line in reports_only.output.splitlines()[1:]} == set(list_report_models())
 
 
 @pytest.mark.integration

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from histoscope.cli.errors import BATCH_FAILED, HandledGroup, check_mpp, one_of
+from histoscope.cli.executor_opts import AddressOpt, ExecutorOpt, ray_or_none
 from histoscope.io.mpp import mpp_problem
 from histoscope.io.open import BACKENDS
 from histoscope.tiling.geometry import DEFAULT_MPP, DEFAULT_SIZE
@@ -92,13 +93,16 @@ def tile(
     workers: WorkersOpt = 1,
     backend: BackendOpt = "auto",
     keep_pen: Annotated[bool, typer.Option("--keep-pen", help="Do not remove pen marks from the tissue mask.")] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Segment tissue and write tile coordinates at exact microns for many slides."""
-    from histoscope.pipeline import TileParams, tile_slides
+    from histoscope.pipeline import TileParams, open_executor, tile_slides
 
     params = TileParams(size=size, mpp=mpp, overlap=overlap, min_tissue=min_tissue, remove_pen=not keep_pen,
                         backend=backend)
-    result = tile_slides(slides, out_dir=out, params=params, workers=workers, slide_mpp=slide_mpp)
+    with open_executor(executor, workers=workers, address=address) as runner:
+        result = tile_slides(slides, out_dir=out, params=params, slide_mpp=slide_mpp, executor=runner)
     _summarise(result, out)
 
 
@@ -160,13 +164,16 @@ def embed(
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
     slide_mpp: SlideMppOpt = None,
     arch: ArchOpt = None,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Embed the tiles listed by `histoscope tile` into OUT/features_<encoder>/<slide>.h5."""
     from histoscope.io.features_h5 import features_folder
     from histoscope.pipeline.embed import embed_slides
 
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, compile_, arch)
-    result = embed_slides(slides, out_dir=out, params=params, slide_mpp=slide_mpp)
+    with ray_or_none(executor, workers=workers, address=address, devices=devices) as runner:
+        result = embed_slides(slides, out_dir=out, params=params, slide_mpp=slide_mpp, executor=runner)
     _summarise(result, features_folder(out, params.folder_name))
 
 
@@ -184,6 +191,8 @@ def run(
     devices: DevicesOpt = "auto",
     dtype: DtypeOpt = "auto",
     arch: ArchOpt = None,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Tile and embed in one go (tissue → tiles → features)."""
     from histoscope.encoders.registry import get_tile_encoder_spec
@@ -194,21 +203,23 @@ def run(
     spec = get_tile_encoder_spec(encoder)
     mpp, size = encoder_tiling(spec, mpp=mpp, size=size)
     jobs = collect_slides(slides, slide_mpp=slide_mpp)  # keeps CSV slide ids and mpp
-    tiled = tile_slides(jobs, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers)
-    _summarise(tiled, out, exit_on_failure=False)
     params = _embed_params(encoder, weights, batch_size, workers, devices, dtype, False, arch)
-    ok = [job for job in jobs if tiled.records[job.name]["status"] == "ok"]
-    if ok:
-        embedded = embed_slides(ok, out_dir=out, params=params)
-        _summarise(embedded, features_folder(out, params.folder_name), exit_on_failure=False)
+    with ray_or_none(executor, workers=workers, address=address, devices=devices) as runner:
+        tiled = tile_slides(jobs, out_dir=out, params=TileParams(size=size, mpp=mpp), workers=workers,
+                            executor=runner)
+        _summarise(tiled, out, exit_on_failure=False)
+        ok = [job for job in jobs if tiled.records[job.name]["status"] == "ok"]
+        if ok:
+            embedded = embed_slides(ok, out_dir=out, params=params, executor=runner)
+            _summarise(embedded, features_folder(out, params.folder_name), exit_on_failure=False)
     if tiled.failed or (ok and embedded.failed):
         raise typer.Exit(BATCH_FAILED)
 
 
 @app.command()
 def models(
-    kind: Annotated[str, typer.Option(callback=one_of("tile", "slide", "align", "all"),
-                                      help="tile, slide, align or all.")] = "all",
+    kind: Annotated[str, typer.Option(callback=one_of("tile", "slide", "align", "report", "all"),
+                                      help="tile, slide, align, report or all.")] = "all",
 ) -> None:
     """List registered models with their embedding size, preprocessing and weight source."""
     if kind in ("tile", "all"):
@@ -235,6 +246,14 @@ def models(
         typer.echo("Image–text models (histoscope train-align model=NAME)")
         for name in list_align_models():
             typer.echo(f"  {name:16} {get_align_model_spec(name).description}")
+    if kind in ("report", "all"):
+        from histoscope.language import get_report_model_spec, list_report_models
+
+        typer.echo("Report models (histoscope train-report model=NAME; histoscope report --model WEIGHTS)")
+        for name in list_report_models():
+            spec = get_report_model_spec(name)
+            source = f"{spec.hf_repo}/{spec.hf_filename}" if spec.hf_repo else "-"  # "-": a local file only
+            typer.echo(f"  {name:16} {source:46} {spec.license:10} {spec.description}")
 
 
 @app.command()
@@ -267,12 +286,18 @@ def demo(
 
 
 def _register_stage_commands() -> None:
-    from histoscope.cli import align_cmds, eval_cmds, pretrain_cmds, slide_cmds
+    from histoscope.cli import align_cmds, chat_cmds, eval_cmds, pretrain_cmds, report_cmds, slide_cmds
 
     slide_cmds.register(app)
     eval_cmds.register(app)
     align_cmds.register(app)
+    chat_cmds.register(app)
     pretrain_cmds.register(app)
+    report_cmds.register(app)
+
+    from histoscope.cli import serve_cmds
+
+    serve_cmds.register(app)
 
 
 _register_stage_commands()

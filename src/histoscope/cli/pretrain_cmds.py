@@ -17,9 +17,11 @@ __all__ = ["register"]
 
 
 def pretrain(
-    objective: Annotated[str, typer.Argument(help="Pretraining method, e.g. dinov2.")],
+    objective: Annotated[str, typer.Argument(help="Pretraining method: dinov2, mae (tile encoders), slide_mae "
+                                                  "(LongNet slide encoder), hipt256, hipt4k (HIPT's two levels).")],
     recipe: Annotated[Optional[str], typer.Argument(
-        help="Recipe name (see --list), e.g. dinov2_vits16, or a YAML file.", show_default=False)] = None,
+        help="Recipe name (see --list), e.g. dinov2_vits16, mae_tiny, slide_mae_gigapath, or a YAML file.",
+        show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value overrides, dotted for sections: optim.batch_size=256 data.patches=[OUT] crops.local_crops_number=6",
         show_default=False)] = None,
@@ -31,10 +33,11 @@ def pretrain(
                                         callback=list_option("histoscope.pretrain", "pretrain OBJECTIVE"),
                                         help="List the shipped recipes and exit.")] = False,
 ) -> None:
-    """Pretrain a tile encoder (any ViT of `histoscope models`) on tiles streamed from slides.
+    """Pretrain a tile encoder (any ViT of `histoscope models`) on tiles streamed from slides, or a
+    slide model (slide_mae, hipt4k) on tile embeddings streamed from features files.
 
     A rerun into the same folder resumes from its last checkpoint, mid-epoch. The result is
-    exported in the encoder's published layout for `histoscope embed --weights`.
+    exported in the model's published layout (tile encoders: for `histoscope embed --weights`).
     """
     from histoscope.pretrain import load_pretrain_recipe
     from histoscope.pretrain import pretrain as run_pretraining
@@ -49,7 +52,7 @@ def pretrain(
         loaded.common.device = device
     result = run_pretraining(loaded, overwrite=overwrite, progress=not quiet, log=None if quiet else typer.echo)
     if result["export"] is not None:
-        typer.echo(f"exported {result['export']} (load with `histoscope embed --weights`; see its .json)")
+        typer.echo(f"exported {result['export']} (how to load it: {result['export'].with_suffix('.json')})")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,10 +1,23 @@
-"""``--list`` for the commands that take a recipe: the recipes shipped with a stage, by name."""
+"""Recipe arguments shared by the training commands: ``RECIPE [key=value ...]`` and ``--list``
+(the recipes shipped with a stage, by name)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-__all__ = ["list_option"]
+__all__ = ["list_option", "recipe_and_overrides"]
+
+
+def recipe_and_overrides(recipe: str | Path | None, overrides: list[str] | None
+                         ) -> tuple[str | Path | None, list[str]]:
+    """``(recipe name or file, or None; overrides)``: a first argument holding ``=`` is an
+    override (the command was given no recipe)."""
+    items = list(overrides or [])
+    if recipe is not None and "=" in str(recipe):
+        return None, [str(recipe), *items]
+    return recipe, items
 
 
 def list_option(package: str, command: str):

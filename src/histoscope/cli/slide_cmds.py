@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from histoscope.cli.errors import BATCH_FAILED, check_mpp, one_of
+from histoscope.cli.executor_opts import AddressOpt, ExecutorOpt, gpus_per_task, ray_or_none
 from histoscope.cli.recipes import list_option
 
 __all__ = ["register"]
@@ -26,6 +27,8 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 (recipe's device).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in the output folder instead of resuming it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines.")] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=list_option("histoscope.train", "train"),
                                         help="List the shipped recipes and exit.")] = False,
 ) -> None:
@@ -46,7 +49,9 @@ def train(
         config.out_dir = str(out)
     if device is not None:
         config.device = device
-    results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo)
+    # local: folds one after another in this process; ray: parallel tasks (a private head: a CPU per fold)
+    with ray_or_none(executor, workers=config.folds, address=address, devices=config.device) as runner:
+        results = run_training(config, overwrite=overwrite, log=None if quiet else typer.echo, executor=runner)
     pooled = results["pooled"]
     typer.echo(f"pooled over {len(results['folds'])} folds ({pooled['n']} slides):")
     for name, entry in pooled["metrics"].items():
@@ -73,14 +78,20 @@ def predict(
     precision: Annotated[str, typer.Option(callback=one_of("auto", "fp32", "bf16", "fp16"), help="auto, fp32, bf16 or fp16.")] = "auto",
     slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", callback=check_mpp, help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     detections: Annotated[bool, typer.Option("--detections", help="GeoJSON tiles as QuPath detections instead of tiles.")] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Per-slide predictions, tile-score heatmaps, QuPath GeoJSON and top tiles from a trained model."""
+    from histoscope.pipeline import open_executor
     from histoscope.predict import predict_slides, predictions_path
 
-    result = predict_slides(checkpoint, features_dir=features, out_dir=out, slides=slides or None,
-                            slide_mpp=slide_mpp, top_k=top_k, thumbnail_size=thumbnail, device=device,
-                            precision=precision, object_type="detection" if detections else "tile",
-                            progress=True)
+    # local: slides one after another in this process, the model loaded once
+    with open_executor(executor, workers=0 if executor == "local" else 1, address=address,
+                       gpus_per_task=gpus_per_task(device) if executor == "ray" else 0) as runner:
+        result = predict_slides(checkpoint, features_dir=features, out_dir=out, slides=slides or None,
+                                slide_mpp=slide_mpp, top_k=top_k, thumbnail_size=thumbnail, device=device,
+                                precision=precision, object_type="detection" if detections else "tile",
+                                progress=True, executor=runner)
     ok = len(result.records) - len(result.failed)
     typer.echo(f"{ok} slide(s) predicted; {predictions_path(out)}")
     for name in result.failed:

@@ -66,6 +66,19 @@ class TileEncoder(nn.Module):
         x = x.to(dtype=next(self.model.parameters()).dtype)
         return self.spec.pooling.pool(self.model, self.model(x))
 
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, 3, H, W) -> the tokens before pooling (B, P, C): a ViT's patch tokens after
+        its final norm (class and register tokens left out), a CNN's last feature map as h·w tokens."""
+        x = x.to(dtype=next(self.model.parameters()).dtype)
+        if hasattr(self.model, "num_prefix_tokens") and hasattr(self.model, "forward_features"):
+            return self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
+        out = self.model.forward_features(x) if hasattr(self.model, "forward_features") else self.model(x)
+        out = out[-1] if isinstance(out, (list, tuple)) else out
+        if out.ndim != 4:
+            raise ValueError(f"tile encoder {self.spec.name!r} gives no patch tokens (its features have shape "
+                             f"{tuple(out.shape)}); use a ViT or CNN encoder")
+        return out.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h·w, C)
+
     def extra_repr(self) -> str:
         return f"name={self.spec.name!r}, embed_dim={self.embed_dim}, weights={self.weights_source!r}"
 

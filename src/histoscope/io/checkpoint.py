@@ -16,6 +16,8 @@ Kinds: histoscope writes three files of its own, and everything else is weights:
 - ``"train_state"``: the resumable state of an unfinished fold (``fold_k/train_state.pt``);
 - ``"align"``: an image–text model trained by ``histoscope train-align`` (``OUT/model.pt``,
   marked by its ``histoscope_align_model`` key);
+- ``"chat"``: an assistant trained by ``histoscope train-chat`` (``OUT/model.pt``, marked
+  by its ``histoscope_chat_model`` key);
 - ``"weights"``: a state dict, bare or wrapped (``{"model": …}``, DINO's
   ``{"teacher": …}``), as published or as another code base saved it.
 """
@@ -38,6 +40,7 @@ KINDS = {
     "trained": "a model trained by histoscope train (fold_k/checkpoint.pt)",
     "train_state": "the training state of an unfinished fold (fold_k/train_state.pt)",
     "align": "an image–text model trained by histoscope train-align (OUT/model.pt)",
+    "chat": "an assistant trained by histoscope train-chat (OUT/model.pt)",
     "weights": "model weights (a state dict)",
 }
 _ZIP = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
@@ -61,6 +64,8 @@ def checkpoint_kind(obj: Any) -> str:
             return "trained"
         if "histoscope_align_model" in obj:
             return "align"
+        if "histoscope_chat_model" in obj:
+            return "chat"
         if {"model", "optimizer", "scheduler", "early"} <= set(obj):
             return "train_state"
     return "weights"
@@ -158,6 +163,7 @@ def _check_kind(path: Path, obj: Any, accepted: tuple[str, ...]) -> None:
         "trained": "pass a fold_k/checkpoint.pt written by histoscope train",
         "train_state": "pass a fold's train_state.pt",
         "align": "pass the model.pt of a histoscope train-align run",
+        "chat": "pass the folder (or model.pt) of a histoscope train-chat run",
         "weights": "pass a weights file (a state dict)",
     }
     fix = "; or ".join(fixes[k] for k in accepted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from histoscope.io.atomic import atomic_path
 
-__all__ = ["write_columns", "read_columns", "csv_reader"]
+__all__ = ["write_columns", "read_columns", "csv_reader", "table_reader"]
 
 
 def write_columns(path: str | Path, columns: dict[str, Any]) -> None:
@@ -46,6 +47,20 @@ def csv_reader(path: str | Path) -> csv.DictReader:
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
                          "save it as UTF-8 (Excel: CSV UTF-8)") from None
     return csv.DictReader(io.StringIO(text, newline=""))
+
+
+def table_reader(path: str | Path, *, required: Sequence[str], what: str) -> csv.DictReader:
+    """:func:`csv_reader` with the header's names stripped of spaces, after checking the
+    ``required`` columns are there (a ``ValueError`` naming the file, the ``what`` it should
+    be, and the columns it has otherwise)."""
+    reader = csv_reader(path)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    reader.fieldnames = columns
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: a {what} needs columns {', '.join(required)}; missing {', '.join(missing)} "
+                         f"(has {', '.join(columns) or 'no header'})")
+    return reader
 
 
 def read_columns(path: str | Path) -> dict[str, list[str]]:

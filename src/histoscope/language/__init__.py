@@ -1,5 +1,6 @@
 """Language models over pathology images: report generation (HistoGPT), the shared decoding
-loop, and image–text alignment (:mod:`histoscope.language.align`: CLIP/CoCa, CONCH).
+loop, image–text alignment (:mod:`histoscope.language.align`: CLIP/CoCa, CONCH) and chat
+assistants (:mod:`histoscope.language.chat`: PathChat/LLaVA-style).
 
 Notation: B slides/prompts, N tiles, D tile feature dim, T tokens, V vocabulary.
 
@@ -22,11 +23,11 @@ from histoscope.language.registry import (
     register_report_model,
 )
 
-__all__ = ["FROM_MODEL", "HistoGPT", "Refinement", "ReportModelSpec", "ReportOutput", "ReportWeightsError",
+__all__ = ["DecodeState", "FROM_MODEL", "HistoGPT", "Refinement", "ReportModelSpec", "ReportOutput", "ReportWeightsError",
            "ensemble_refinement", "generate", "get_report_model_spec", "left_pad", "list_report_models",
            "load_report_model", "register_report_model"]
 
-_LAZY = {"FROM_MODEL": "histogpt", "HistoGPT": "histogpt", "ReportOutput": "histogpt", "Refinement": "refine",
+_LAZY = {"DecodeState": "generation", "FROM_MODEL": "histogpt", "HistoGPT": "histogpt", "ReportOutput": "histogpt", "Refinement": "refine",
          "ensemble_refinement": "refine", "generate": "generation", "left_pad": "generation"}
 
 

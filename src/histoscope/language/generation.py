@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["beam_search", "filter_logits", "generate", "greedy_or_sample", "left_pad"]
+__all__ = ["DecodeState", "beam_search", "filter_logits", "generate", "greedy_or_sample", "left_pad"]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], *, pad_token_id: int,
@@ -99,13 +99,29 @@ class _Step:
         return out.logits[:, -1].float(), cache if cache is not None else out.past_key_values
 
 
+@dataclass
+class DecodeState:
+    """A KV cache carried from one :func:`greedy_or_sample` call to the next (multi-turn chat).
+
+    ``cache`` holds the keys/values of the first ``length`` tokens of the ids the call
+    ended with (all but the last token, which no step has fed yet). A call given a state
+    with a cache feeds only the ids after them, so a conversation's earlier turns are
+    never recomputed; the caller passes the whole conversation's ``input_ids`` and
+    ``attention_mask``, which may then have 0s between turns (a batch's rows that
+    finished early, padded).
+    """
+
+    cache: object = None
+    length: int = 0
+
+
 def _end_tokens(eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> tuple[list[int], int]:
     """End-token ids as a list, and the pad id (default: the first end token, else 0)."""
     eos = [] if eos_token_id is None else [int(eos_token_id)] if isinstance(eos_token_id, int) else list(eos_token_id)
     return eos, pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
 
 
-def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None, *, continuing: bool = False) -> Tensor:
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (B, T) with T ≥ 1, got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -114,6 +130,10 @@ def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match "
                          f"input_ids {tuple(input_ids.shape)}")
     mask = attention_mask.long()
+    if continuing:  # a conversation's earlier turns may hold padding between them
+        if not mask[:, -1].all():
+            raise ValueError("the last token of every row must be a real one (attention_mask 1)")
+        return mask
     if (mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all():
         raise ValueError("prompts must be left-padded (attention_mask 0…0 1…1 in every row); "
                          "build them with histoscope.language.generation.left_pad")
@@ -125,7 +145,7 @@ def greedy_or_sample(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
                      max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                      top_k: int | None = None, top_p: float | None = None,
                      eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                     seed: int | None = None, use_cache: bool = True) -> Tensor:
+                     seed: int | None = None, use_cache: bool = True, state: DecodeState | None = None) -> Tensor:
     """Greedy decoding, or sampling with temperature / top-k / top-p.
 
     Parameters
@@ -148,18 +168,26 @@ def greedy_or_sample(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
         Seeds a private generator, so sampling is reproducible and leaves the global RNG alone.
     use_cache : bool
         False recomputes the whole sequence every step (for checking the cache).
+    state : DecodeState, optional
+        Continue from (and update) a cache kept across calls; see :class:`DecodeState`.
 
     Returns
     -------
     Tensor
         ``(B, T + n')`` token ids, ``n' ≤ max_new_tokens``.
     """
-    mask = _check_prompt(input_ids, attention_mask)
+    continuing = state is not None and state.cache is not None
+    if continuing and not 0 < state.length < input_ids.shape[1]:
+        raise ValueError(f"the cache covers {state.length} tokens; input_ids must extend them, got "
+                         f"{input_ids.shape[1]} tokens")
+    mask = _check_prompt(input_ids, attention_mask, continuing=continuing)
     eos, pad = _end_tokens(eos_token_id, pad_token_id)
     eos = torch.as_tensor(eos, dtype=torch.long, device=input_ids.device) if eos else None
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
-    step = _Step.of(model, use_cache)
+    step = _Step.of(model, use_cache or state is not None)
     ids, cache, new = input_ids, None, input_ids.shape[1]
+    if continuing:
+        cache, new = state.cache, input_ids.shape[1] - state.length
     running = torch.ones(len(ids), dtype=torch.bool, device=ids.device)  # (B,)
     for _ in range(max_new_tokens):
         logits, cache = step(ids, mask, cache, new)  # (B, V)
@@ -176,6 +204,8 @@ def greedy_or_sample(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
             running &= ~torch.isin(token, eos)
             if not running.any():
                 break
+    if state is not None and ids.shape[1] > input_ids.shape[1]:
+        state.cache, state.length = cache, ids.shape[1] - 1
     return ids
 
 
@@ -271,9 +301,10 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             seed: int | None = None, use_cache: bool = True) -> Tensor:
+             seed: int | None = None, use_cache: bool = True, state: DecodeState | None = None) -> Tensor:
     """Hugging Face-style ``generate``: :func:`beam_search` when ``num_beams > 1``,
-    else :func:`greedy_or_sample`. Returns ``(B, T + n')`` token ids."""
+    else :func:`greedy_or_sample` (which alone takes a ``state`` kept across calls).
+    Returns ``(B, T + n')`` token ids."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
     if do_sample and temperature <= 0:
@@ -284,9 +315,11 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         if do_sample:
             raise ValueError("beam search with sampling is not supported: use num_beams=1 with do_sample=True, "
                              "or do_sample=False with beams")
+        if state is not None:
+            raise ValueError("a DecodeState (cache kept across calls) works with num_beams=1 only")
         return beam_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                            length_penalty=length_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                            use_cache=use_cache)
     return greedy_or_sample(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                   temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                  pad_token_id=pad_token_id, seed=seed, use_cache=use_cache)
+                  pad_token_id=pad_token_id, seed=seed, use_cache=use_cache, state=state)

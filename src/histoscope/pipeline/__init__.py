@@ -2,13 +2,13 @@
 with a pluggable executor (``embed_slides``, which needs torch, is imported on first use)."""
 
 from histoscope.pipeline.batch import REPORT_NAME, BatchResult, run_batch
-from histoscope.pipeline.executors import Executor, LocalExecutor, WorkerCrashed, get_executor
+from histoscope.pipeline.executors import Executor, LocalExecutor, WorkerCrashed, get_executor, open_executor
 from histoscope.pipeline.inputs import SlideJob, collect_slides
 from histoscope.pipeline.tile_job import TileParams, tile_slide, tiling_done
 
 __all__ = [
     "REPORT_NAME", "BatchResult", "Executor", "LocalExecutor", "SlideJob", "TileParams", "WorkerCrashed",
-    "collect_slides", "get_executor", "run_batch", "tile_slide", "tiling_done", "tile_slides",
+    "collect_slides", "get_executor", "open_executor", "run_batch", "tile_slide", "tiling_done", "tile_slides",
     "EmbedParams", "embed_slides", "embed_slide",
 ]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoscope.io.atomic import write_json
+from histoscope.io.atomic import remove_stale_partials, write_json
 from histoscope.io.outdir import output_folder
 from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob
@@ -134,6 +134,9 @@ def run_batch(
         finally:
             if bar is not None:
                 bar.close()
+        # Every worker of this run is done, and the folder's lock is held: a worker killed
+        # mid-slide (its slide retried or reported) left a temporary file, remove it now.
+        remove_stale_partials(out_dir)
     return BatchResult({job.name: report.records[job.name] for job in jobs})
 
 

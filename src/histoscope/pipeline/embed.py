@@ -13,7 +13,7 @@ import functools
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,14 @@ from histoscope.encoders.preprocess import normalize_tiles, resize_tiles
 from histoscope.io.errors import SlideError
 from histoscope.io.features_h5 import FeaturesWriter, features_folder, features_path
 from histoscope.io.outdir import OutputFolderError, output_folder
-from histoscope.pipeline.batch import BatchResult, RunReport
+from histoscope.pipeline.batch import BatchResult, RunReport, run_batch
+from histoscope.pipeline.executors import Executor
 from histoscope.pipeline.inputs import SlideJob, collect_slides
 from histoscope.tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPP, DEFAULT_SIZE, TileGeometry, find_patches, read_patches
 from histoscope.tiling.dataset import TileSource, start_worker_server, tile_loader
 from histoscope.utils.device import resolve_device, resolve_dtype
 
-__all__ = ["EmbedParams", "embed_slide", "embed_slides", "encoder_tiling", "features_done", "prepare_encoder"]
+__all__ = ["EmbedParams", "embed_slide", "embed_slide_job", "embed_slides", "encoder_tiling", "features_done", "prepare_encoder"]
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,13 @@ class _DeviceWorkers:
 
 
 def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = None, slide_mpp: float | None = None,
-                 progress: bool = True) -> BatchResult:
+                 progress: bool = True, executor: Executor | None = None) -> BatchResult:
     """Embed the tiles of every slide (as listed by ``histoscope tile``) into
     ``out_dir/features_<encoder>/<slide>.h5``.
+
+    Without ``executor`` the slides stream through this process's model (decoding in
+    ``params.workers`` processes); with one (e.g. a ``RayExecutor``) each slide is a job
+    of its own (:func:`embed_slide_job`) and the files are the same.
 
     Examples
     --------
@@ -144,6 +149,8 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
     params = params or EmbedParams()
     out_dir = Path(out_dir)
     jobs = collect_slides(list(slides), slide_mpp=slide_mpp)
+    if executor is not None:
+        return _embed_by_executor(jobs, out_dir=out_dir, params=params, executor=executor, progress=progress)
     if params.workers > 0:
         start_worker_server()  # decoding workers' start-up overlaps the model's loading
     workers = _DeviceWorkers(params)  # first: a bad checkpoint fails before anything is written
@@ -163,6 +170,71 @@ def embed_slides(slides, *, out_dir: str | Path, params: EmbedParams | None = No
         workers.close()
         raise
     return BatchResult({job.name: report.records[job.name] for job in jobs if job.name in report.records})
+
+
+def _embed_by_executor(jobs: list[SlideJob], *, out_dir: Path, params: EmbedParams, executor: Executor,
+                       progress: bool) -> BatchResult:
+    """One job per slide through ``executor``; a slide already embedded is skipped here,
+    before any job is sent."""
+    encoder, _, _ = prepare_encoder(replace(params, compile=False), torch.device("cpu"))  # a bad checkpoint fails first
+    weights_sha256 = encoder.weights_sha256
+    del encoder  # the jobs load their own
+    folder = features_folder(out_dir, params.folder_name)
+
+    def is_done(job: SlideJob) -> bool:
+        try:
+            coords, _ = read_patches(find_patches(out_dir, job.name))
+        except (OSError, KeyError):
+            return False  # the job records why
+        return features_done(features_path(folder, job.name), encoder=params.encoder,
+                             weights_sha256=weights_sha256, num_tiles=len(coords))
+
+    with output_folder(out_dir):
+        folder.mkdir(exist_ok=True)
+        return run_batch(jobs, functools.partial(embed_slide_job, out_dir=str(out_dir), params=params),
+                         out_dir=folder, stage="embed", is_done=is_done, executor=executor, progress=progress)
+
+
+# The model of the last parameters a job process used: Ray reuses worker processes, so
+# the next slide with the same parameters finds it loaded (one model per process at most).
+_loaded: dict[str, _DeviceWorkers] = {}
+
+
+def embed_slide_job(job: SlideJob, *, out_dir: str | Path, params: EmbedParams) -> dict[str, Any]:
+    """Embed one slide into its features file (written under a temporary name, then renamed);
+    returns its run-report record. The job of :func:`embed_slides` with an executor.
+
+    Tiles are decoded in this process, one device per job (the first of ``params.devices``):
+    parallelism comes from running many slides' jobs at once.
+    """
+    params = replace(params, devices=params.devices[:1], workers=0)
+    key = repr(params)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = _DeviceWorkers(params)
+    records = _Records()
+    run = _EmbedRun(records, _loaded[key], folder=features_folder(out_dir, params.folder_name), params=params)
+    try:
+        run.add(job, Path(out_dir))
+        run.stream(progress=False)
+    finally:
+        run.abort_unfinished()
+    record = dict(records.records[job.name])
+    record.pop("seconds", None)  # timed by the batch
+    return record
+
+
+class _Records:
+    """The run-report interface of one job's slide, kept in memory (the batch writes the report)."""
+
+    def __init__(self):
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def update(self, job: SlideJob, record: dict[str, Any]) -> None:
+        self.records[job.name] = record
+
+    def skipped(self, job: SlideJob) -> None:
+        self.records[job.name] = {"status": "ok", "skipped": True}
 
 
 def encoder_tiling(spec, *, mpp: float | None = None, size: int | None = None) -> tuple[float, int]:
@@ -261,10 +333,16 @@ class _EmbedRun:
     def close(self) -> None:
         """Stop the device threads; drop the temporary files of slides left unfinished."""
         self.workers.close()
+        self.abort_unfinished()
+
+    def abort_unfinished(self) -> None:
+        """Drop the temporary files of slides left unfinished."""
         for writer in self.writers.values():
             writer.abort()
+        self.writers.clear()
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
     def _drain(self, *, block: bool) -> int:
         """Write finished batches to their slides' files; returns how many were taken."""

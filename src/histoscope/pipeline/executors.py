@@ -3,8 +3,9 @@
 An item's exception comes back as its result instead of stopping the run, and a
 worker process that dies outright (a segfault in a slide library on a corrupt file)
 costs only the item that killed it: the pool is rebuilt and the rest continue.
-``LocalExecutor`` uses processes on this machine; a Ray executor will implement the
-same ``map`` for clusters.
+``LocalExecutor`` uses processes on this machine; ``RayExecutor``
+(``pipeline.ray_executor``, with the optional ``ray`` extra) implements the same ``map``
+on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any, Protocol
 
 from histoscope.utils.processes import die_with_parent
 
-__all__ = ["Executor", "LocalExecutor", "WorkerCrashed", "get_executor"]
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "WorkerCrashed", "get_executor", "open_executor"]
+
+EXECUTORS = ("local", "ray")
 
 
 class WorkerCrashed(RuntimeError):
@@ -103,7 +106,35 @@ def _stopped_on_interrupt(pool: cf.ProcessPoolExecutor) -> Iterator[cf.ProcessPo
 
 
 def get_executor(name: str = "local", **options: Any) -> Executor:
-    """Executor by name (``local``; ``ray`` once the cluster backend lands)."""
+    """Executor by name: ``local`` (:class:`LocalExecutor`) or ``ray``
+    (:class:`~histoscope.pipeline.ray_executor.RayExecutor`; ``close()`` it when done)."""
     if name == "local":
         return LocalExecutor(**options)
-    raise ValueError(f"unknown executor {name!r}; available: 'local'")
+    if name == "ray":
+        try:
+            from histoscope.pipeline.ray_executor import RayExecutor
+        except ImportError as error:  # ray missing, or not importable here
+            raise ValueError(f"the ray executor needs Ray ({error}); install it with "
+                             "`pip install 'histoscope[ray]'`") from None
+        return RayExecutor(**options)
+    raise ValueError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
+
+
+@contextlib.contextmanager
+def open_executor(name: str = "local", *, workers: int = 1, address: str | None = None,
+                  gpus_per_task: float = 0) -> Iterator[Executor]:
+    """The executor a command line asked for, closed (a private Ray head stopped) afterwards.
+
+    ``workers`` is the local worker processes, or the CPUs of a private Ray head
+    (``address="local"``); ``address`` is for ``ray`` only.
+    """
+    if name == "local":
+        if address is not None:
+            raise ValueError("--address is for --executor ray; drop it or add --executor ray")
+        yield LocalExecutor(workers=workers)
+        return
+    executor = get_executor(name, address=address, workers=workers, gpus_per_task=gpus_per_task)
+    try:
+        yield executor
+    finally:
+        executor.close()

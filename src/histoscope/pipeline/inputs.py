@@ -9,7 +9,7 @@ from pathlib import Path
 from histoscope.io.columns import csv_reader
 from histoscope.io.mpp import mpp_problem
 
-__all__ = ["SlideJob", "collect_slides", "SLIDE_SUFFIXES"]
+__all__ = ["SlideJob", "collect_slides", "slide_name", "SLIDE_SUFFIXES"]
 
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide",
@@ -27,7 +27,7 @@ class SlideJob:
     slide_mpp: float | None = None
 
 
-def _slide_name(path: Path) -> str:
+def slide_name(path: Path) -> str:
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
@@ -54,7 +54,7 @@ def _from_csv(csv_path: Path, slide_mpp: float | None) -> list[SlideJob]:
                 raise ValueError(f"{csv_path}:{row_number}: mpp {row['mpp']!r} is not a number") from None
             if problem := mpp_problem(row_mpp):
                 raise ValueError(f"{csv_path}:{row_number}: mpp {problem}; correct the `mpp` column")
-        name = (row.get("slide_id") or "").strip() or _slide_name(path)
+        name = (row.get("slide_id") or "").strip() or slide_name(path)
         jobs.append(SlideJob(path=path, name=name, slide_mpp=row_mpp))
     if not jobs:
         raise ValueError(f"{csv_path}: no slides (a header and no rows); add one row per slide")
@@ -87,14 +87,14 @@ def collect_slides(specs: list[str | Path | SlideJob], *, slide_mpp: float | Non
             if not found:
                 raise FileNotFoundError(f"{path}: no slide files in this folder (looked for "
                                         f"{', '.join(SLIDE_SUFFIXES)}); pass the folder that holds the slides")
-            jobs.extend(SlideJob(p, _slide_name(p), slide_mpp) for p in found)
+            jobs.extend(SlideJob(p, slide_name(p), slide_mpp) for p in found)
         elif any(ch in text for ch in "*?["):
             found = sorted(Path(p) for p in glob.glob(text, recursive=True))
             if not found:
                 raise FileNotFoundError(f"{text}: the pattern matches no file")
-            jobs.extend(SlideJob(p, _slide_name(p), slide_mpp) for p in found)
+            jobs.extend(SlideJob(p, slide_name(p), slide_mpp) for p in found)
         else:
-            jobs.append(SlideJob(path, _slide_name(path), slide_mpp))
+            jobs.append(SlideJob(path, slide_name(path), slide_mpp))
     if not jobs:
         raise ValueError("no slides given: pass slide files, folders, glob patterns or CSV files")
     seen: dict[str, Path] = {}

@@ -28,20 +28,16 @@ from histoscope.io.columns import write_columns
 from histoscope.io.features_h5 import FeaturesError, check_finite, features_path, read_features
 from histoscope.io.outdir import output_folder
 from histoscope.pipeline.batch import BatchResult, run_batch
-from histoscope.pipeline.executors import LocalExecutor
+from histoscope.pipeline.executors import Executor, LocalExecutor
 from histoscope.pipeline.inputs import SlideJob, collect_slides
 from histoscope.predict.heatmap import paint_heatmap, percentile_scores, tiles_geojson, with_colorbar, write_tile_scores
+from histoscope.predict.outputs import predictions_path
 from histoscope.slide.bags import collate_bags
 from histoscope.slide.trained import TrainedModel, load_trained_model
 from histoscope.tiling.geometry import TileGeometry
 from histoscope.utils.device import autocast, resolve_device, resolve_dtype
 
 __all__ = ["predict_slides", "predictions_path"]
-
-
-def predictions_path(out_dir: str | Path, suffix: str = ".csv") -> Path:
-    """``OUT/predictions.csv`` (or ``.json``): one row per slide predicted."""
-    return (Path(out_dir) / "predictions").with_suffix(suffix)
 
 
 def _predict_one(job: SlideJob, *, trained: TrainedModel, features_dir: Path, out_dir: Path, with_images: bool,
@@ -107,12 +103,15 @@ def predict_slides(
     precision: str = "auto",
     object_type: str = "tile",
     progress: bool = False,
+    executor: Executor | None = None,
 ) -> BatchResult:
     """Predict every slide and write its tile scores, heatmap and top tiles.
 
     ``slides`` (files, folders, globs or CSVs, as for ``histoscope tile``) give the
     slide images for heatmaps and top tiles; without them every features file in
     ``features_dir`` is predicted and only the CSV/GeoJSON outputs are written.
+    ``executor`` runs the slides (default: one after another in this process; a
+    ``RayExecutor`` sends the model once and runs each slide as a Ray task).
 
     Examples
     --------
@@ -141,7 +140,7 @@ def predict_slides(
                            device=torch_device, dtype=resolve_dtype(precision, torch_device),
                            object_type=object_type)
     with output_folder(out_dir):
-        result = run_batch(jobs, fn, out_dir=out_dir, stage="predict", executor=LocalExecutor(workers=0),
+        result = run_batch(jobs, fn, out_dir=out_dir, stage="predict", executor=executor or LocalExecutor(workers=0),
                            progress=progress)
         done = [(name, r) for name, r in result.records.items() if r["status"] == "ok"]
         rows = [{"slide_id": name, **r["prediction"]} for name, r in done]

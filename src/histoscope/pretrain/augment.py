@@ -65,6 +65,11 @@ class MultiCropAugment:
         ]) if self.local_number else np.zeros((0, self.local_size, self.local_size, 3), np.uint8)
         return globals_, locals_
 
+    def view(self, tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One view (S, S, 3) uint8: a global crop with the first global crop's blur, no solarisation
+        (MAE's single random resized crop, with the pathology jitters this recipe enables)."""
+        return self._crop(tile, rng, self.global_size, self.global_scale, blur=self.blur[0], solarize=0.0)
+
     def _crop(self, tile, rng, size, scale, *, blur: float, solarize: float) -> np.ndarray:
         top, left, h, w = random_resized_crop_box(rng, tile.shape[0], tile.shape[1], scale)
         region = tile[top : top + h, left : left + w]

@@ -17,7 +17,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["MaskedViT", "find_vit", "NotAViTError"]
+__all__ = ["MaskedViT", "find_vit", "NotAViTError", "set_drop_path"]
 
 
 class NotAViTError(ValueError):
@@ -33,6 +33,14 @@ def find_vit(model: nn.Module, *, encoder: str = "encoder") -> tuple[str, Vision
             return path, module
     raise NotAViTError(f"tile encoder {encoder!r} ({type(model).__name__}) is not a ViT; self-supervised "
                        "pretraining here trains timm ViTs (see `histoscope models`)")
+
+
+def set_drop_path(blocks, rate: float) -> None:
+    """The same stochastic-depth rate in every timm ``Block`` of ``blocks``."""
+    for block in blocks:
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(block, name):
+                setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
 
 
 class MaskedViT(nn.Module):
@@ -77,10 +85,7 @@ class MaskedViT(nn.Module):
 
     def set_drop_path(self, rate: float) -> None:
         """The same stochastic-depth rate in every block (DINOv2's ``drop_path_uniform``)."""
-        for block in self.vit.blocks:
-            for name in ("drop_path1", "drop_path2"):
-                if hasattr(block, name):
-                    setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
+        set_drop_path(self.vit.blocks, rate)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         vit = self.vit

@@ -27,6 +27,7 @@ class DataConfig:
     patches: list[str] = field(default_factory=list)  # tile OUT folders, patches/ folders or *_patches.h5
     slide_dir: str | None = None  # where to find slides whose recorded path moved
     images: str | None = None  # an image folder instead of slides
+    features: list[str] = field(default_factory=list)  # features folders or .h5 files (slide-level objectives)
     workers: int = 4  # data-loader processes per rank
     chunk: int = 64  # consecutive tiles of one slide read together
     buffer: int = 4096  # shuffle-buffer size (samples)
@@ -72,7 +73,7 @@ class EvalConfig:
 @dataclass
 class PretrainConfig:
     out_dir: str = "runs/pretrain"
-    encoder: str = "timm:vit_small_patch16_224"  # any ViT of the tile-encoder registry
+    encoder: str = "timm:vit_small_patch16_224"  # any ViT of the tile-encoder registry (a slide model for slide_mae)
     weights: str = "random"  # random, a checkpoint file (continued pretraining) or null (the Hub)
     arch: dict = field(default_factory=dict)  # architecture overrides (tiny variants)
     seed: int = 0
@@ -94,10 +95,15 @@ class PretrainConfig:
     def stop_step(self) -> int:
         return min(self.total_iters, self.max_steps) if self.max_steps is not None else self.total_iters
 
-    def validate(self) -> None:
+    def validate(self, inputs: str = "tiles") -> None:
         problems = []
-        if bool(self.data.patches) == bool(self.data.images):
-            problems.append("give data.patches (tile OUT folders or patches files) or data.images, not both")
+        if inputs == "features":
+            if not self.data.features or self.data.patches or self.data.images:
+                problems.append("this objective trains on tile embeddings: give data.features (features folders "
+                                "or .h5 files written by `histoscope embed`), not data.patches or data.images")
+        elif bool(self.data.patches) == bool(self.data.images) or self.data.features:
+            problems.append("give data.patches (tile OUT folders or patches files) or data.images, not both "
+                            "(data.features is for slide-level objectives)")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.optim.scaling_rule not in SCALING_RULES:
@@ -110,7 +116,10 @@ class PretrainConfig:
                 problems.append(f"{name} must be >= 1, got {value}")
         if self.optim.warmup_epochs > self.optim.epochs:
             problems.append("optim.warmup_epochs exceeds optim.epochs")
-        if self.eval.every and not self.eval.images:
+        if self.eval.every and inputs == "features":
+            problems.append("eval.every probes tile encoders on labelled tiles; slide-level objectives have no "
+                            "eval hook (set eval.every=0)")
+        elif self.eval.every and not self.eval.images:
             problems.append("eval.every needs eval.images (a labelled image folder)")
         if problems:
             raise ConfigError("invalid recipe: " + "; ".join(problems))
@@ -142,7 +151,7 @@ def load_pretrain_recipe(objective: str, path: str | Path | None = None, overrid
     valid = valid_keys(PretrainConfig) + valid_keys(spec.config)
     common = build_config(PretrainConfig, {k: v for k, v in data.items() if k in common_keys}, valid=valid)
     config = build_config(spec.config, {k: v for k, v in data.items() if k not in common_keys}, valid=valid)
-    common.validate()
+    common.validate(spec.inputs)
     if spec.validate is not None:
         spec.validate(config, common)
     return Recipe(objective=objective, common=common, config=config)

@@ -26,9 +26,7 @@ Notation: b images per rank, K prototypes, N patch tokens per global crop, M mas
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,12 +38,14 @@ from histoscope.pretrain.backbone import MaskedViT
 from histoscope.pretrain.heads import DINOHead
 from histoscope.pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from histoscope.pretrain.masking import BlockMaskGenerator, draw_masks
+from histoscope.pretrain.encoder_objective import EncoderObjective
 from histoscope.pretrain.objective import Objective, RunInfo, register_objective, seeded_rng
 from histoscope.pretrain.optim import param_groups
 from histoscope.pretrain.schedules import cosine_schedule
 from histoscope.utils.recipe import ConfigError
 
-__all__ = ["DINOv2", "DINOv2Collate", "DINOv2Config", "DINOv2Student"]
+__all__ = ["DINOv2", "DINOv2Collate", "DINOv2Config", "DINOv2Student", "SelfDistillation", "dino_crop_losses",
+           "ema_update"]
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
 N_GLOBAL_CROPS = 2
@@ -152,6 +152,33 @@ def _check_crop_sizes(config: DINOv2Config, patch_size: int, encoder: str) -> No
                               f"{encoder!r}; use crops.{name}={fit}")
 
 
+def dino_crop_losses(dino_loss: DINOLoss, student_local: torch.Tensor, student_global: torch.Tensor,
+                     targets: torch.Tensor, *, n_local: int) -> dict[str, torch.Tensor]:
+    """DINOv2's DINO terms, scaled as the reference: every local crop against both teacher global
+    crops, each global crop against the other (``targets`` (2, b, K) already swapped); the sum
+    over all terms divided by their number ``2 + 2 * n_local`` (DINO's ``n_loss_terms``).
+
+    student_local (n b, K) crop-major, student_global (2b, K).
+    """
+    n_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS + max(n_local * N_GLOBAL_CROPS, 1)
+    losses = {}
+    if n_local > 0:
+        losses["dino_local_crops_loss"] = dino_loss(student_local.float().chunk(n_local), list(targets)) / n_terms
+    loss_scales = 2  # both global crops go through the loss as one batch
+    losses["dino_global_crops_loss"] = dino_loss([student_global.float()], [targets.flatten(0, 1)]) * loss_scales \
+        / n_terms
+    return losses
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, for the student's trained parameters."""
+    pairs = [(t, s) for t, s in zip(teacher.parameters(), student.parameters()) if s.requires_grad]
+    teacher_params = [t for t, _ in pairs]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, [s.detach() for _, s in pairs], alpha=1 - momentum)
+
+
 @dataclass(frozen=True)
 class DINOv2Collate:
     """Per rank and step: augmented crops (uint8, crop-major as DINOv2 collates) and iBOT masks."""
@@ -215,23 +242,14 @@ class DINOv2Student(nn.Module):
         return {"local": local_out, "global": global_out, "masked": masked_out, "backbone_cls": glob["cls"]}
 
 
-class DINOv2(Objective):
-    """Student, EMA teacher, the three losses and their schedules."""
+class SelfDistillation(Objective):
+    """An objective with an EMA teacher of its student and DINO's teacher schedules: momentum
+    (cosine to ``final_momentum_teacher``) and temperature (linear warm-up, then constant)."""
 
-    def __init__(self, *, student: DINOv2Student, config: DINOv2Config, info: RunInfo, encoder: str, arch: dict,
-                 spec, optim):
-        super().__init__()
-        self.student = student
-        self.teacher = copy.deepcopy(student)
-        self.teacher.backbone.set_drop_path(0.0)
+    def _setup_teacher(self, teacher: TeacherConfig, info: RunInfo, *, no_drop_path) -> None:
+        self.teacher = copy.deepcopy(self.student)
+        no_drop_path(self.teacher)
         self.teacher.requires_grad_(False)
-        self.config, self.info, self.encoder_name, self.arch, self.spec, self.optim = (
-            config, info, encoder, arch, spec, optim)
-        self.dino_loss = DINOLoss(config.dino.head_n_prototypes)
-        self.ibot_patch_loss = iBOTPatchLoss(config.ibot.head_n_prototypes if config.ibot.separate_head
-                                             else config.dino.head_n_prototypes)
-        self.koleo_loss = KoLeoLoss()
-        teacher = config.teacher
         self.momentum_schedule = cosine_schedule(base_value=teacher.momentum_teacher,
                                                  final_value=teacher.final_momentum_teacher,
                                                  total_iters=info.total_iters)
@@ -239,13 +257,35 @@ class DINOv2(Objective):
         self.teacher_temp_schedule = cosine_schedule(base_value=teacher.teacher_temp, final_value=teacher.teacher_temp,
                                                      total_iters=warmup, warmup_iters=warmup,
                                                      start_warmup_value=teacher.warmup_teacher_temp)
-        self.register_buffer("mean", torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.preprocess.std).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
         return self
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, self.student, self.momentum_schedule[step])
+
+    def step_stats(self, step: int) -> dict[str, float]:
+        return {"mom": self.momentum_schedule[step], "teacher_temp": self.teacher_temp_schedule[step]}
+
+
+class DINOv2(SelfDistillation, EncoderObjective):
+    """Student, EMA teacher, the three losses and their schedules."""
+
+    def __init__(self, *, student: DINOv2Student, config: DINOv2Config, info: RunInfo, encoder: str, arch: dict,
+                 spec, optim, tag: str = "dinov2"):
+        super().__init__()
+        self.student = student
+        self._setup_teacher(config.teacher, info, no_drop_path=lambda teacher: teacher.backbone.set_drop_path(0.0))
+        self.config, self.info, self.optim = config, info, optim
+        self._setup_encoder(spec=spec, encoder=encoder, arch=arch, input_size=config.crops.global_crops_size,
+                            tag=tag)
+        self.dino_loss = DINOLoss(config.dino.head_n_prototypes)
+        self.ibot_patch_loss = iBOTPatchLoss(config.ibot.head_n_prototypes if config.ibot.separate_head
+                                             else config.dino.head_n_prototypes)
+        self.koleo_loss = KoLeoLoss()
 
     def collate(self) -> DINOv2Collate:
         crops, augment = self.config.crops, self.config.augment
@@ -258,10 +298,6 @@ class DINOv2(Objective):
             mask_ratio_min_max=self.config.ibot.mask_ratio_min_max,
             mask_probability=self.config.ibot.mask_sample_probability,
         )
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float (B, 3, H, W) with the encoder's published mean and std."""
-        return (images.float() / 255.0 - self.mean) / self.std
 
     @torch.no_grad()
     def _teacher_targets(self, global_crops, batch, teacher_temp):
@@ -277,18 +313,24 @@ class DINOv2(Objective):
         else:
             cls_out = self.teacher.dino_head(cls).float()
             masked_out = self.teacher.ibot_head(masked).float()
+        ibot_targets = None
         if cfg.centering == "centering":
             dino_targets = self.dino_loss.softmax_center_teacher(cls_out, teacher_temp=teacher_temp)
             self.dino_loss.update_center(cls_out)
+        else:
+            dino_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_out, teacher_temp=teacher_temp)
+        dino_targets = dino_targets.view(N_GLOBAL_CROPS, -1, *cls_out.shape[1:])  # (2, b, K)
+        if cfg.ibot.loss_weight <= 0:  # no iBOT term: its centre is never touched (as the reference's do_ibot)
+            return dino_targets, ibot_targets
+        if cfg.centering == "centering":
             masked_out = masked_out.unsqueeze(0)  # (1, M, K)
             ibot_targets = self.ibot_patch_loss.softmax_center_teacher(masked_out[:, :n_masked],
                                                                        teacher_temp=teacher_temp).squeeze(0)
             self.ibot_patch_loss.update_center(masked_out[:n_masked])
         else:
-            dino_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_out, teacher_temp=teacher_temp)
             ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                 masked_out, teacher_temp=teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"])
-        return dino_targets.view(N_GLOBAL_CROPS, -1, *cls_out.shape[1:]), ibot_targets  # (2, b, K), (M, K)
+        return dino_targets, ibot_targets  # (2, b, K), (M, K)
 
     def forward(self, batch: dict[str, Any], *, step: int) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -296,8 +338,6 @@ class DINOv2(Objective):
         local_crops = self.normalize(batch["local_crops"])
         masks = batch["masks"]
         n_local = cfg.crops.local_crops_number
-        n_local_terms = max(n_local * N_GLOBAL_CROPS, 1)
-        n_global_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS
         do_dino, do_ibot = cfg.dino.loss_weight > 0, cfg.ibot.loss_weight > 0
 
         dino_targets, ibot_targets = self._teacher_targets(global_crops, batch, self.teacher_temp_schedule[step])
@@ -306,15 +346,9 @@ class DINOv2(Objective):
         total = 0
         loss_scales = 2  # both global crops go through the losses as one batch
         if do_dino:
-            if n_local > 0:
-                local = self.dino_loss(student["local"].float().chunk(n_local), list(dino_targets)) / (
-                    n_global_terms + n_local_terms)
-                losses["dino_local_crops_loss"] = local
-                total = total + cfg.dino.loss_weight * local
-            glob = self.dino_loss([student["global"].float()], [dino_targets.flatten(0, 1)]) * loss_scales / (
-                n_global_terms + n_local_terms)
-            losses["dino_global_crops_loss"] = glob
-            total = total + cfg.dino.loss_weight * glob
+            losses.update(dino_crop_losses(self.dino_loss, student["local"], student["global"], dino_targets,
+                                           n_local=n_local))
+            total = total + cfg.dino.loss_weight * sum(losses.values())
             if cfg.dino.koleo_loss_weight > 0:
                 koleo = cfg.dino.koleo_loss_weight * sum(
                     self.koleo_loss(p) for p in student["backbone_cls"].chunk(N_GLOBAL_CROPS))
@@ -341,63 +375,18 @@ class DINOv2(Objective):
     def clip_modules(self) -> list[nn.Module]:
         return [m for m in (self.student.backbone, self.student.dino_head, self.student.ibot_head) if m is not None]
 
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        momentum = self.momentum_schedule[step]
-        pairs = [(t, s) for t, s in zip(self.teacher.parameters(), self.student.parameters()) if s.requires_grad]
-        teacher = [t for t, _ in pairs]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, [s.detach() for _, s in pairs], alpha=1 - momentum)
+    def exported_encoder(self) -> nn.Module:
+        return (self.teacher if self.config.export_from == "teacher" else self.student).backbone.model
 
-    def step_stats(self, step: int) -> dict[str, float]:
-        return {"mom": self.momentum_schedule[step], "teacher_temp": self.teacher_temp_schedule[step]}
-
-    def _exported(self) -> MaskedViT:
-        return (self.teacher if self.config.export_from == "teacher" else self.student).backbone
-
-    @torch.no_grad()
-    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        size = self.config.crops.global_crops_size
-        x = tiles.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        x = self.normalize(x.clamp(0, 255))
-        model = self._exported().model
-        was_training = model.training
-        model.eval()
-        out = self.spec.pooling.pool(model, model(x))
-        model.train(was_training)
-        return out.float()
-
-    def export(self, out_dir: Path) -> Path:
-        """``OUT/export/<encoder>_dinov2.safetensors`` in the encoder's published key layout, plus a
-        JSON note with the architecture overrides ``histoscope embed --arch`` needs."""
-        from safetensors.torch import save_file
-
-        from histoscope.encoders.convert import export_checkpoint
-        from histoscope.io.atomic import atomic_path, write_json
-
-        state = export_checkpoint(self.spec.checkpoint_format,
-                                  {k: v.detach().cpu().contiguous() for k, v in self._exported().model.state_dict().items()})
-        name = self.encoder_name.replace(":", "_").replace("/", "_")
-        path = Path(out_dir) / "export" / f"{name}_dinov2.safetensors"
-        with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata={"histoscope": json.dumps({"encoder": self.encoder_name,
-                                                                           "arch": self.arch})})
-        arch = " ".join(f"--arch {k}={json.dumps(v)}" for k, v in self.arch.items())
-        write_json(path.with_suffix(".json"), {
-            "encoder": self.encoder_name, "arch": self.arch, "checkpoint_format": self.spec.checkpoint_format,
-            "exported": self.config.export_from,
-            "embed": f"histoscope embed SLIDES --out OUT --encoder {self.encoder_name} --weights {path} {arch}".strip(),
-        })
-        return path
+    def export_note(self) -> dict:
+        return {"exported": self.config.export_from}
 
 
 @register_objective(name="dinov2", description="DINOv2: DINO + iBOT + KoLeo with an EMA teacher (tile encoders)",
                     config=DINOv2Config, validate=_validate)
-def build_dinov2(config: DINOv2Config, common, info: RunInfo) -> DINOv2:
+def build_dinov2(config: DINOv2Config, common, info: RunInfo, *, cls: type | None = None,
+                 tag: str = "dinov2") -> DINOv2:
+    """The DINOv2 objective (or ``cls``, a subclass sharing its construction, exported under ``tag``)."""
     from histoscope.encoders import load_tile_encoder
 
     torch.manual_seed(info.seed)  # the same initial student on every rank
@@ -413,6 +402,6 @@ def build_dinov2(config: DINOv2Config, common, info: RunInfo) -> DINOv2:
                          hidden_dim=ibot.head_hidden_dim, bottleneck_dim=ibot.head_bottleneck_dim) \
         if ibot.separate_head and ibot.loss_weight > 0 else None
     student = DINOv2Student(backbone=backbone, dino_head=dino_head, ibot_head=ibot_head)
-    objective = DINOv2(student=student, config=config, info=info, encoder=common.encoder, arch=dict(common.arch),
-                       spec=encoder.spec, optim=common.optim)
+    objective = (cls or DINOv2)(student=student, config=config, info=info, encoder=common.encoder,
+                                arch=dict(common.arch), spec=encoder.spec, optim=common.optim, tag=tag)
     return objective.to(info.device).train()

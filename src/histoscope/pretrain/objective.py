@@ -92,19 +92,23 @@ class ObjectiveSpec:
     config: type  # dataclass of the objective's own recipe keys
     build: Callable[..., Objective]  # build(config, common, info) -> Objective
     validate: Callable[[Any, Any], None] | None = None  # validate(config, common), raises ConfigError
+    inputs: str = "tiles"  # tiles (data.patches or data.images) or features (data.features: tile embeddings)
+    # features objectives: index(config, common, log) -> the samples StepStream draws (see feature_data)
+    index: Callable[..., Any] | None = None
 
 
 _OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 
-def register_objective(*, name: str, description: str, config: type, validate=None):
+def register_objective(*, name: str, description: str, config: type, validate=None, inputs: str = "tiles",
+                       index=None):
     """Decorator registering ``build(config, common, info) -> Objective`` under ``name``."""
 
     def decorate(build):
         if name in _OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered")
         _OBJECTIVES[name] = ObjectiveSpec(name=name, description=description, config=config, build=build,
-                                          validate=validate)
+                                          validate=validate, inputs=inputs, index=index)
         return build
 
     return decorate
@@ -123,7 +127,7 @@ def get_objective(name: str) -> ObjectiveSpec:
 
 
 def _load_builtin() -> None:
-    from histoscope.pretrain import dinov2  # noqa: F401  (registers itself)
+    from histoscope.pretrain import dinov2, hipt, mae, slide_mae  # noqa: F401  (register themselves)
 
 
 def seeded_rng(*parts: int) -> np.random.Generator:

@@ -112,8 +112,11 @@ def _plain(value):
     return value
 
 
-def _index(recipe: Recipe, log: Callable[[str], None]) -> TileIndex:
+def _index(recipe: Recipe, log: Callable[[str], None]):
     data = recipe.common.data
+    spec = get_objective(recipe.objective)
+    if spec.index is not None:
+        return spec.index(recipe.config, recipe.common, log)
     if data.images:
         return TileIndex(find_images(data.images))
     return TileIndex(find_slide_tiles(data.patches, slide_dir=data.slide_dir, log=log))
@@ -138,7 +141,8 @@ def pretrain(recipe: Recipe, *, overwrite: bool = False, progress: bool = False,
                 (out / CHECKPOINT).unlink()
                 (out / "log.jsonl").unlink(missing_ok=True)
                 (out / "config.yaml").unlink(missing_ok=True)
-            _check_same_run(out, recipe)
+            if (out / CHECKPOINT).exists():  # a run that never checkpointed has nothing to resume
+                _check_same_run(out, recipe)
             _write_config(out, recipe)
         distributed.barrier()
         return _run(recipe, ctx, out, echo, progress, on_step_end)
@@ -255,7 +259,7 @@ def _eval_hook(recipe: Recipe, objective: Objective, device, ctx, runlog: RunLog
         return lambda done: None
     from histoscope.pretrain.evaluation import probe, read_labelled_tiles
 
-    size = getattr(getattr(recipe.config, "crops", None), "global_crops_size", 224)
+    size = getattr(objective, "input_size", 224)  # the objective's training crop size
     tiles = read_labelled_tiles(settings.images, size=size, test_fraction=settings.test_fraction,
                                 seed=recipe.common.seed)
 

@@ -31,7 +31,7 @@ from histoscope.train.optim import param_groups
 from histoscope.train.tasks import Task
 from histoscope.utils.device import autocast
 
-__all__ = ["AdamWSchedule", "EarlyStopping", "FitResult", "fit", "format_value", "predict_bags", "warmup_cosine",
+__all__ = ["AdamWSchedule", "EarlyStopping", "FitResult", "close_epoch", "fit", "format_value", "predict_bags", "warmup_cosine",
            "derived_seed", "resume_fit", "save_fit_state"]
 
 
@@ -274,6 +274,28 @@ def save_fit_state(state_path: Path, *, epoch: int, model: torch.nn.Module, opt:
     """What :func:`resume_fit` needs to continue after ``epoch``, written atomically."""
     save_state(state_path, {"epoch": epoch, "model": model.state_dict(), **opt.state_dict(), "early": asdict(early),
                             "history": history, "best_state": best_state})
+
+
+def close_epoch(record: dict, *, val_loss: float | None, model: torch.nn.Module, opt: AdamWSchedule,
+                early: EarlyStopping, history: list[dict], best_state: dict[str, Tensor], started: float,
+                state_path: Path, label: str, log: Callable[[str], None]) -> dict[str, Tensor]:
+    """The end of an epoch monitored by validation loss: record it (``val_loss`` None: no
+    validation set, every epoch counts as the best), log one line, save the resumable
+    state. Returns the best state so far."""
+    if val_loss is not None:
+        record["val_loss"] = val_loss
+        improved = early.update(val_loss, record["epoch"])
+    else:
+        improved, early.best_epoch = True, record["epoch"]
+    if improved:
+        best_state = _copy_state(model)
+    record["seconds"] = time.perf_counter() - started
+    history.append(record)
+    log(f"{label} " + " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("stage", "epoch", "seconds"))
+        + (" *" if improved else ""))
+    save_fit_state(state_path, epoch=record["epoch"], model=model, opt=opt, early=early, history=history,
+                   best_state=best_state)
+    return best_state
 
 
 def _copy_state(model: torch.nn.Module) -> dict[str, Tensor]:

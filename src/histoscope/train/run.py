@@ -18,6 +18,7 @@ A fold is finished when ``fold_k/fold_done.json`` exists; until then
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from histoscope.io.atomic import atomic_path, json_safe, write_json
 from histoscope.io.columns import read_columns, write_columns
 from histoscope.io.features_h5 import check_features, features_path
 from histoscope.io.outdir import output_folder
+from histoscope.pipeline.executors import Executor
 from histoscope.slide import get_slide_model_spec, load_slide_model
 from histoscope.slide.trained import save_trained_model
 from histoscope.train.checkpoint import resolved_arch
@@ -87,11 +89,16 @@ def _plots(out: Path, task: Task, columns: dict[str, Any], arrays: tuple) -> lis
 
 
 def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], None] | None = None,
-          on_epoch_end: Callable[..., None] | None = None) -> dict[str, Any]:
+          on_epoch_end: Callable[..., None] | None = None, executor: Executor | None = None) -> dict[str, Any]:
     """Train and evaluate every fold a recipe describes; returns the results document.
 
     Reruns into the same ``out_dir`` skip finished folds and resume an interrupted one
     from its last epoch, ending with the same predictions as an uninterrupted run.
+    With an ``executor`` (a ``RayExecutor``, or a ``LocalExecutor`` of several processes)
+    the unfinished folds train in parallel, one job each, with the same results: a fold's
+    initial weights and data order follow from the seed and its number alone. Per-epoch
+    lines and ``on_epoch_end`` are for the sequential run only; the ``final`` model
+    trains after the folds, in this process.
 
     Examples
     --------
@@ -144,12 +151,23 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
             f"D={in_dim}, model {config.model}, device {device}, {dtype}")
 
         run = _Cohort(config, samples, dataset, in_dim, arch, device, dtype, log, on_epoch_end)
-        fold_results = []
-        for number, split in enumerate(splits):
-            done = fold_dir(out, split.fold) / "fold_done.json"
-            if not done.exists():
+
+        def done(split: Split) -> Path:
+            return fold_dir(out, split.fold) / "fold_done.json"
+
+        pending = [(number, split) for number, split in enumerate(splits) if not done(split).exists()]
+        if executor is None:
+            for number, split in pending:
                 _run_fold(run, split, number, fold_dir(out, split.fold))
-            fold_results.append(json.loads(done.read_text()))
+        elif pending:
+            # the job carries the cohort without what cannot travel (the open feature cache, callbacks)
+            job = functools.partial(_fold_job, run=dataclasses.replace(run, dataset=None, log=None, on_epoch_end=None),
+                                    paths=paths, out=out)
+            for index, error in executor.map(job, pending):
+                if isinstance(error, BaseException):
+                    raise error
+                log(f"fold {pending[index][1].fold} done")
+        fold_results = [json.loads(done(split).read_text()) for split in splits]
         results = _summarise(out, config, base_task, fold_results, warnings)
         if config.final:
             results["final"] = _run_final(run, fold_results, len(splits), final_dir(out))
@@ -172,13 +190,22 @@ class _Cohort:
 
     config: TrainConfig
     samples: list[Sample]
-    dataset: BagDataset
+    dataset: BagDataset | None  # None while it travels to an executor's process
     in_dim: int
     arch: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
-    log: Callable[[str], None]
+    log: Callable[[str], None] | None
     on_epoch_end: Callable[..., None] | None
+
+
+def _fold_job(fold: tuple[int, Split], *, run: _Cohort, paths: list[Path], out: Path) -> None:
+    """One fold in a process of its own (an executor's job): its own feature cache, no log lines."""
+    number, split = fold
+    config = run.config
+    dataset = BagDataset(paths, FeatureCache(int(config.cache_gb * 2**30)), max_tiles=config.max_tiles)
+    run = dataclasses.replace(run, dataset=dataset, log=lambda message: None, on_epoch_end=None)
+    _run_fold(run, split, number, fold_dir(out, split.fold))
 
 
 def _train_model(run: _Cohort, config: TrainConfig, *, number: int, name: str, train: list[int], val: list[int],

@@ -101,24 +101,31 @@ class TextTokenizer:
         return cls(tokenizer, context_length=context_length, reserve_cls=reserve_cls)
 
 
-def train_bpe_tokenizer(texts: Sequence[str], *, vocab_size: int):
+def train_bpe_tokenizer(texts: Sequence[str], *, vocab_size: int, special_tokens: dict[str, str] | None = None,
+                        template: str | None = None, lowercase: bool = True):
     """An uncased byte-level BPE tokenizer (``PreTrainedTokenizerFast``) trained on ``texts``.
 
     Built like CONCH's: NFD + strip accents + lowercase, byte-level pre-tokenisation
-    with a prefix space, ``<start_of_text> caption <end_of_text>``.
+    with a prefix space, ``<start_of_text> caption <end_of_text>``. Other models'
+    conventions: ``special_tokens`` (Hugging Face role → token, ids in that order),
+    ``template`` (a ``tokenizers`` template over them, e.g. BioGPT's ``"</s> $A"``) and
+    ``lowercase=False`` for a cased tokenizer.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    special_tokens = dict(special_tokens or SPECIAL_TOKENS)
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    steps = [normalizers.NFD(), normalizers.StripAccents()] + ([normalizers.Lowercase()] if lowercase else [])
+    tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
-    specials = list(SPECIAL_TOKENS.values())  # ids 0, 1, 2
+    specials = list(special_tokens.values())  # ids 0, 1, 2, …
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    bos, eos = SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"]
+    template = template or f"{special_tokens['bos_token']} $A {special_tokens['eos_token']}"
+    used = [token for token in template.split() if token in specials]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", special_tokens=[(bos, tokenizer.token_to_id(bos)), (eos, tokenizer.token_to_id(eos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+        single=template, special_tokens=[(token, tokenizer.token_to_id(token)) for token in dict.fromkeys(used)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)

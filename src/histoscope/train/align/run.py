@@ -41,6 +41,7 @@ from histoscope.train.align.config import AlignConfig
 from histoscope.train.config import ConfigError, record_recipe
 from histoscope.train.loop import AdamWSchedule, EarlyStopping, derived_seed, resume_fit, save_fit_state
 from histoscope.utils.device import autocast, resolve_device, resolve_dtype
+from histoscope.utils.progress import StepProgress
 
 __all__ = ["train_align", "assign_splits", "read_splits", "splits_path"]
 
@@ -151,26 +152,6 @@ def _validate(model, inputs, ids, config, device, dtype) -> dict[str, float]:
     return {name: total / len(inputs) for name, total in sums.items()}
 
 
-class _Progress:
-    """A rich progress bar over optimizer steps (on stderr)."""
-
-    def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]train-align[/]"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                                 console=Console(stderr=True))
-        self.task = self.progress.add_task("train-align", total=total, status="")
-        self.progress.start()
-
-    def advance(self, status: str) -> None:
-        self.progress.update(self.task, advance=1, status=status)
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
 def train_align(config: AlignConfig, *, overwrite: bool = False, log: Callable[[str], None] | None = None,
                 progress: bool = False, on_epoch_end: Callable[..., None] | None = None) -> dict[str, Any]:
     """Train an image–text model on ``config.pairs``; returns ``{"best_epoch", "history", "model"}``.
@@ -249,7 +230,8 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
     early, history, best_state, first_epoch = resume_fit(state_path, model, opt, early)
     if first_epoch:
         log(f"resuming after epoch {first_epoch}")
-    bar = _Progress((config.epochs - first_epoch) * steps_per_epoch) if progress and config.epochs > first_epoch else None
+    bar = (StepProgress("train-align", (config.epochs - first_epoch) * steps_per_epoch)
+           if progress and config.epochs > first_epoch else None)
     try:
         for epoch in range(first_epoch, config.epochs):
             if early.stopped:
