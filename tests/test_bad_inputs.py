@@ -250,7 +250,7 @@ def test_missing_cuda_names_the_flag_of_each_command(root, tmp_path):
 def test_info_and_models_usage(root):
     input_error(runner.invoke(app, ["info", str(root / "slides" / "good.svs"), "--backend", "foo"]),
                 "'--backend'", "openslide")
-    input_error(runner.invoke(app, ["models", "--kind", "foo"]), "'--kind'", "tile, slide, align, all")
+    input_error(runner.invoke(app, ["models", "--kind", "foo"]), "'--kind'", "tile, slide, align, report, all")
     input_error(runner.invoke(app, ["info", str(root / "slides" / "good.svs"), "--slide-mpp", "-1"]),
                 "'--slide-mpp'")
     text = runner.invoke(app, ["info", str(root / "odd" / "absurd.svs")])

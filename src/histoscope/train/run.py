@@ -129,8 +129,6 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
     device = resolve_device(config.device, option="device (--device)")
     dtype = resolve_dtype(config.precision, device)
     warnings = small_data_warnings(config, samples, splits)
-    for warning in warnings:
-        log(f"warning: {warning}")
     geometry = features_geometry(paths[0])
     if "tile_size" in arch and "tile_size" not in config.model_args and geometry is not None:
         # Position-aware models (LongNet, HIPT) index tiles on their level-0 grid: 0.5 µm/px
@@ -139,6 +137,8 @@ def train(config: TrainConfig, *, overwrite: bool = False, log: Callable[[str], 
 
     with output_folder(out):
         _check_config(out, config, overwrite)
+        for warning in warnings:  # once the output folder is known to be usable
+            log(f"warning: {warning}")
         roles = {"slide_id": [], "patient_id": [], "fold": [], "role": []}
         for split in splits:
             for role in ("train", "val", "test"):
