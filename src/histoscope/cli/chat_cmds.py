@@ -5,7 +5,6 @@ Wired into the main app by ``register(app)``; torch is imported inside the comma
 
 from __future__ import annotations
 
-import csv
 import json
 import tempfile
 from pathlib import Path
@@ -44,37 +43,6 @@ def train_chat(
     last = {r["stage"]: r for r in result["history"]}
     losses = ", ".join(f"stage {s} val_loss {r['val_loss']:.4f}" for s, r in sorted(last.items()) if "val_loss" in r)
     typer.echo(f"model: {result['model']}" + (f" ({losses})" if losses else ""))
-
-
-def _features_inputs(specs: list[str]) -> tuple[list[tuple[str, Path]], bool]:
-    """``[(slide id, features file)]`` from files, folders of ``.h5`` files and CSVs
-    (``features`` or ``path`` column, optional ``slide_id``); True if more than one slide was meant."""
-    found, several = [], len(specs) > 1
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            files = sorted(path.glob("*.h5"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no features files (*.h5) in this folder; pass the folder "
-                                        "histoscope embed wrote (OUT/features_<encoder>)")
-            found += [(f.stem, f) for f in files]
-            several = True
-        elif path.suffix.lower() == ".csv":
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such CSV file")
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
-            column = next((c for c in ("features", "path") if rows and c in rows[0]), None)
-            if column is None:
-                raise ValueError(f"{path}: a features CSV needs a 'features' (or 'path') column of .h5 files, "
-                                 "and may have 'slide_id'")
-            for row in rows:
-                file = Path(row[column]) if Path(row[column]).is_absolute() else path.parent / row[column]
-                found.append((row.get("slide_id") or file.stem, file))
-            several = True
-        else:
-            found.append((path.stem, path))
-    return found, several
 
 
 def _slide_features(slide: Path, encoder: str, weights: Optional[str], arch: Optional[list[str]], work: Path,
@@ -137,7 +105,10 @@ def chat(
     assistant = Assistant.load(model, device=resolve_device(device))
     with tempfile.TemporaryDirectory(prefix="histoscope-chat-") as work:
         if features:
-            inputs, several = _features_inputs(features)
+            from histoscope.io.features_h5 import collect_features
+
+            inputs = collect_features(features)  # files, folders of them, CSVs
+            several = len(features) > 1 or any(Path(f).is_dir() or Path(f).suffix.lower() == ".csv" for f in features)
         elif image:
             inputs, several = [(p.stem, p) for p in image], len(image) > 1
         else:

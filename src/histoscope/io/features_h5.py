@@ -9,15 +9,17 @@ of the patches file it came from (patch size, resolutions); ``features`` carries
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from histoscope.io.atomic import atomic_path
+from histoscope.io.columns import csv_reader
 
 __all__ = ["features_folder", "features_path", "write_features", "read_features", "read_coords_attrs",
-           "FeaturesWriter", "FeaturesError", "check_features", "check_finite"]
+           "FeaturesWriter", "FeaturesError", "check_features", "check_finite", "collect_features"]
 
 _CHECK_ROWS = 16384  # rows per block when scanning a file for NaN/Inf
 
@@ -211,3 +213,42 @@ def read_coords_attrs(path: str | Path) -> dict[str, Any]:
             return {}
         return {key: value.item() if isinstance(value, np.generic) else value
                 for key, value in f["coords"].attrs.items()}
+
+
+def collect_features(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """``(slide_id, features file)`` for files, folders of ``*.h5`` and CSV tables."""
+    found: list[tuple[str, Path]] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            files = sorted(path.glob("*.h5"))
+            if not files:
+                raise FileNotFoundError(f"{path}: no features files (*.h5) in this folder; pass the folder "
+                                        "histoscope embed wrote (OUT/features_<encoder>)")
+            found += [(f.stem, f) for f in files]
+        elif path.suffix.lower() == ".csv":
+            found += _from_csv(path)
+        else:
+            found.append((path.stem, path))  # a missing file fails its slide, not the run
+    seen: dict[str, Path] = {}
+    for slide_id, path in found:
+        if seen.setdefault(slide_id, path) != path:
+            raise ValueError(f"slide id {slide_id!r} names two features files ({seen[slide_id]} and {path}); "
+                             "give each slide one file, or slide_id values in a CSV")
+    return list(seen.items())
+
+
+def _from_csv(path: Path) -> list[tuple[str, Path]]:
+    reader = csv_reader(path)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    reader.fieldnames = columns
+    column = next((c for c in ("features", "path") if c in columns), None)
+    if column is None:
+        raise ValueError(f"{path}: a features CSV needs a 'features' (or 'path') column of .h5 files; has {columns}")
+    rows = []
+    for row in reader:
+        file = Path((row[column] or "").strip())
+        if not file.is_absolute():
+            file = path.parent / file
+        rows.append(((row.get("slide_id") or "").strip() or file.stem, file))
+    return rows

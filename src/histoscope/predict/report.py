@@ -32,8 +32,8 @@ import torch
 
 from histoscope.encoders.weights import sha256_file
 from histoscope.io.atomic import atomic_path, remove_stale_partials, write_json
-from histoscope.io.columns import csv_reader, write_columns
-from histoscope.io.features_h5 import FeaturesError, check_finite, read_features
+from histoscope.io.columns import write_columns
+from histoscope.io.features_h5 import FeaturesError, check_finite, collect_features, read_features
 from histoscope.io.outdir import output_folder
 from histoscope.language.generation import left_pad
 from histoscope.language.report_attention import token_tile_attention, word_spans
@@ -76,45 +76,6 @@ class ReportResult:
     reports: dict[str, str]  # slide_id → report, this run's and earlier runs' with the same settings
     failed: dict[str, str]  # slide_id → error
     skipped: list[str] = field(default_factory=list)  # slides whose report an earlier run wrote
-
-
-def collect_features(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
-    """``(slide_id, features file)`` for files, folders of ``*.h5`` and CSV tables."""
-    found: list[tuple[str, Path]] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            files = sorted(path.glob("*.h5"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no features files (*.h5) in this folder; pass the folder "
-                                        "histoscope embed wrote (OUT/features_<encoder>)")
-            found += [(f.stem, f) for f in files]
-        elif path.suffix.lower() == ".csv":
-            found += _from_csv(path)
-        else:
-            found.append((path.stem, path))  # a missing file fails its slide, not the run
-    seen: dict[str, Path] = {}
-    for slide_id, path in found:
-        if seen.setdefault(slide_id, path) != path:
-            raise ValueError(f"slide id {slide_id!r} names two features files ({seen[slide_id]} and {path}); "
-                             "give each slide one file, or slide_id values in a CSV")
-    return list(seen.items())
-
-
-def _from_csv(path: Path) -> list[tuple[str, Path]]:
-    reader = csv_reader(path)
-    columns = [c.strip() for c in reader.fieldnames or []]
-    reader.fieldnames = columns
-    column = next((c for c in ("features", "path") if c in columns), None)
-    if column is None:
-        raise ValueError(f"{path}: a features CSV needs a 'features' (or 'path') column of .h5 files; has {columns}")
-    rows = []
-    for row in reader:
-        file = Path((row[column] or "").strip())
-        if not file.is_absolute():
-            file = path.parent / file
-        rows.append(((row.get("slide_id") or "").strip() or file.stem, file))
-    return rows
 
 
 def _read_slide(path: Path, dim: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -39,7 +39,7 @@ from histoscope.language.align.tokenizer import TextTokenizer, train_bpe_tokeniz
 from histoscope.language.align.trained import align_model_path, save_align_model, save_tokenizer, tokenizer_path
 from histoscope.train.align.config import AlignConfig
 from histoscope.train.config import ConfigError, record_recipe
-from histoscope.train.loop import AdamWSchedule, EarlyStopping, derived_seed, resume_fit, save_fit_state
+from histoscope.train.loop import AdamWSchedule, EarlyStopping, close_epoch, derived_seed, resume_fit
 from histoscope.utils.device import autocast, resolve_device, resolve_dtype
 from histoscope.utils.progress import StepProgress
 
@@ -256,17 +256,9 @@ def _fit(model, config: AlignConfig, train_inputs, train_ids, val_inputs, val_id
             if len(val_inputs):
                 record.update({f"val_{k}": v for k, v in
                                _validate(model, val_inputs, val_ids, config, device, dtype).items()})
-                improved = early.update(record["val_loss"], epoch)
-            else:
-                improved, early.best_epoch = True, epoch
-            if improved:
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            record["seconds"] = time.perf_counter() - started
-            history.append(record)
-            log(f"epoch {epoch + 1}/{config.epochs} " + " ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) + (" *" if improved else ""))
-            save_fit_state(state_path, epoch=epoch, model=model, opt=opt, early=early, history=history,
-                           best_state=best_state)
+            best_state = close_epoch(record, val_loss=record.get("val_loss"), model=model, opt=opt, early=early,
+                                     history=history, best_state=best_state, started=started, state_path=state_path,
+                                     label=f"epoch {epoch + 1}/{config.epochs}", log=log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch=epoch, record=record)
     finally:

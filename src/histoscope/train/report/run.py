@@ -50,7 +50,7 @@ from histoscope.language.trained_report import report_model_path, report_tokeniz
 from histoscope.slide.bags import collate_bags
 from histoscope.train.config import ConfigError, TrainConfig, record_recipe
 from histoscope.train.data import BagDataset, FeatureCache
-from histoscope.train.loop import AdamWSchedule, EarlyStopping, derived_seed, resume_fit, save_fit_state
+from histoscope.train.loop import AdamWSchedule, EarlyStopping, close_epoch, derived_seed, resume_fit
 from histoscope.train.report.config import ReportConfig
 from histoscope.train.report.data import ReportSlide, assign_roles, draw_paraphrase, read_reports, token_batch
 from histoscope.train.run import fold_dir
@@ -348,19 +348,10 @@ def _fit(model, config: ReportConfig, train_batches: _Batches, val_batches: _Bat
                 if bar is not None:
                     bar.advance(f"epoch {epoch + 1}/{config.epochs} loss {float(loss.detach()):.4f}")
             record = {"epoch": epoch, "train_loss": total / max(steps, 1), "lr": opt.optimizer.param_groups[0]["lr"]}
-            if len(val_batches.indices):
-                record["val_loss"] = _validate(model, val_batches, device, dtype)
-                improved = early.update(record["val_loss"], epoch)
-            else:
-                improved, early.best_epoch = True, epoch
-            if improved:
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            record["seconds"] = time.perf_counter() - started
-            history.append(record)
-            log(f"stage 2 epoch {epoch + 1}/{config.epochs} " + " ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")) + (" *" if improved else ""))
-            save_fit_state(state_path, epoch=epoch, model=model, opt=opt, early=early, history=history,
-                           best_state=best_state)
+            val_loss = _validate(model, val_batches, device, dtype) if len(val_batches.indices) else None
+            best_state = close_epoch(record, val_loss=val_loss, model=model, opt=opt, early=early, history=history,
+                                     best_state=best_state, started=started, state_path=state_path,
+                                     label=f"stage 2 epoch {epoch + 1}/{config.epochs}", log=log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch=epoch, record=record)
     finally:
